@@ -1,0 +1,152 @@
+"""RWKV-6 (gated linear attention with per-channel data-dependent decay) in three forms.
+
+Per head, state S of shape [K, V] in fp32 (fla's convention):
+
+    o_t = scale * r_t^T (S_{t-1} + diag(u) k_t v_t^T)
+    S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T
+
+`w` is the log-decay (<= 0). RAD-RWKV6 has no learned bonus: it calls these with u = 1, so the current
+token enters at full weight, as in gated linear attention.
+
+* `naive_recurrent_rwkv6`: per-token loop, the reference.
+* `chunk_rwkv6_torch`: chunked parallel form in PyTorch.
+* `recurrent_step_rwkv6`: decode from a fixed-size state.
+* `rwkv6_attention`: dispatch to fla's `chunk_rwkv6`/`fused_recurrent_rwkv6` on CUDA when installed.
+
+This file is copied into every exported model folder: it must import nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["naive_recurrent_rwkv6", "chunk_rwkv6_torch", "recurrent_step_rwkv6", "rwkv6_attention"]
+
+
+def _check(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+           initial_state: torch.Tensor | None) -> None:
+    if r.dim() != 4:
+        raise ValueError(f"rwkv6: expected r of shape [B, T, H, K], got {tuple(r.shape)}")
+    for name, x in (("k", k), ("w", w)):
+        if x.shape != r.shape:
+            raise ValueError(f"rwkv6: {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)} like r")
+    if v.shape[:3] != r.shape[:3]:
+        raise ValueError(f"rwkv6: v has shape {tuple(v.shape)}, expected [B, T, H, V] matching r")
+    if tuple(u.shape) != tuple(r.shape[2:]):
+        raise ValueError(f"rwkv6: u has shape {tuple(u.shape)}, expected [H, K] = {tuple(r.shape[2:])}")
+    if initial_state is not None:
+        B, _, H, K = r.shape
+        if tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+            raise ValueError(f"rwkv6: initial_state has shape {tuple(initial_state.shape)}, "
+                             f"expected {(B, H, K, v.shape[-1])}")
+
+
+def naive_recurrent_rwkv6(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference per-token recurrence; returns (o [B, T, H, V], final state [B, H, K, V])."""
+    _check(r, k, v, w, u, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    dtype = v.dtype
+    r, k, v, w, u = (x.float() for x in (r, k, v, w, u))
+    S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    out = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, K, V)
+        out.append((r[:, t, :, None, :] @ (S + u[None, :, :, None] * kv)).squeeze(-2) * scale)
+        S = S * w[:, t].exp()[..., None] + kv
+    o = torch.stack(out, dim=1).to(dtype)
+    return o, (S if output_final_state else None)
+
+
+def recurrent_step_rwkv6(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    state: torch.Tensor, scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode: the recurrence from `state` (fp32, [B, H, K, V]); memory independent of context."""
+    return naive_recurrent_rwkv6(r, k, v, w, u, scale=scale, initial_state=state, output_final_state=True)
+
+
+def chunk_rwkv6_torch(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form. Decay factors are taken relative to the chunk's middle so that
+    exp(+-chunk_size * max|w| / 2) stays far from fp32 limits (RAD-RWKV6 clamps w >= -5)."""
+    _check(r, k, v, w, u, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    dtype = v.dtype
+    C = chunk_size
+    pad = (-T) % C
+    xs = [x.float().transpose(1, 2) for x in (r, k, v, w)]  # (B, H, T, D)
+    if pad:
+        xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
+    N = (T + pad) // C
+    r_, k_, v_, w_ = (x.reshape(B, H, N, C, x.shape[-1]) for x in xs)
+    uf = u.float()[None, :, None, None, :]  # (1, H, 1, 1, K)
+
+    c = w_.cumsum(dim=-2)  # inclusive
+    c_prev = c - w_
+    c_last = c[..., -1:, :]
+    ref = c[..., C // 2: C // 2 + 1, :]
+    rq = r_ * (c_prev - ref).exp()  # r_t gamma_{t-1} (relative to ref)
+    kq = k_ * (ref - c).exp()  # k_j / gamma_j (relative to ref)
+    strict = torch.tril(torch.ones(C, C, dtype=torch.bool, device=r.device), -1)
+    A = (rq @ kq.transpose(-1, -2)).masked_fill(~strict, 0.0)  # (B, H, N, C, C)
+    diag = (r_ * uf * k_).sum(-1, keepdim=True)  # bonus term on the current token
+    intra = A @ v_ + diag * v_
+    r_state = r_ * c_prev.exp()  # r_t gamma_{t-1}, bounded by 1
+    k_end = k_ * (c_last - c).exp()
+    En = k_end.transpose(-1, -2) @ v_  # (B, H, N, K, V)
+    decay_end = c_last.squeeze(-2).exp()[..., None]  # (B, H, N, K, 1)
+
+    S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    starts = []
+    for n in range(N):
+        starts.append(S)
+        S = decay_end[:, :, n] * S + En[:, :, n]
+    S0 = torch.stack(starts, dim=2)
+    o = (r_state @ S0 + intra) * scale
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    return o, (S if output_final_state else None)
+
+
+_FLA: dict[str, object] | None = None
+
+
+def _fla() -> dict[str, object]:
+    global _FLA
+    if _FLA is None:
+        try:
+            from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6  # type: ignore
+
+            _FLA = {"chunk": chunk_rwkv6, "recurrent": fused_recurrent_rwkv6}
+        except Exception:  # noqa: BLE001
+            _FLA = {}
+    return _FLA
+
+
+def rwkv6_attention(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla kernels on CUDA when installed; else chunked PyTorch (T > 1) or the step form (T == 1)."""
+    T = r.shape[1]
+    fla = _fla()
+    if backend == "fla" or (backend == "auto" and r.is_cuda and fla):
+        if not fla:
+            raise RuntimeError("rwkv6: backend='fla' needs flash-linear-attention and triton "
+                               "(pip install 'qwerky[gpu]') and a CUDA device")
+        fn = fla["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]
+        state = None if initial_state is None else initial_state.float()
+        return fn(r, k, v, w, u, scale=scale, initial_state=state,  # type: ignore[operator]
+                  output_final_state=output_final_state)
+    if backend == "naive" or T == 1:
+        return naive_recurrent_rwkv6(r, k, v, w, u, scale, initial_state, output_final_state)
+    return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state)

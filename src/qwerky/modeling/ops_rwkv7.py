@@ -1,0 +1,180 @@
+"""RWKV-7 (generalised delta rule with diagonal-plus-low-rank transition) in three forms.
+
+Per head, with state S of shape [K, V] kept in fp32 (fla's convention):
+
+    S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T
+    o_t = scale * S_t^T r_t                      (the current token is included)
+
+`w` is the log-decay (<= 0). RAD-RWKV7 uses a = -kappa, b = kappa * iclr.
+
+* `naive_recurrent_rwkv7`: per-token loop; the reference the tests trust.
+* `chunk_rwkv7_torch`: chunked parallel form (training, prefill) in plain PyTorch; runs anywhere.
+* `recurrent_step_rwkv7`: one decode step on a fixed-size state.
+* `rwkv7_attention`: dispatch; uses flash-linear-attention's Triton kernels on CUDA when installed,
+  the PyTorch forms otherwise.
+
+All tensors are laid out [B, T, H, D]; states are [B, H, K, V].
+
+This file is copied into every exported model folder: it must import nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "naive_recurrent_rwkv7",
+    "chunk_rwkv7_torch",
+    "recurrent_step_rwkv7",
+    "rwkv7_attention",
+    "fla_available",
+]
+
+
+def _check(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+           b: torch.Tensor, initial_state: torch.Tensor | None) -> None:
+    if r.dim() != 4:
+        raise ValueError(f"rwkv7: expected r of shape [B, T, H, K], got {tuple(r.shape)}")
+    for name, x in (("w", w), ("k", k), ("a", a), ("b", b)):
+        if x.shape != r.shape:
+            raise ValueError(f"rwkv7: {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)} like r")
+    if v.shape[:3] != r.shape[:3]:
+        raise ValueError(f"rwkv7: v has shape {tuple(v.shape)}, expected [B, T, H, V] matching r")
+    if initial_state is not None:
+        B, _, H, K = r.shape
+        if tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+            raise ValueError(f"rwkv7: initial_state has shape {tuple(initial_state.shape)}, "
+                             f"expected {(B, H, K, v.shape[-1])}")
+
+
+def naive_recurrent_rwkv7(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference per-token recurrence. Inputs [B, T, H, K] (v: [B, T, H, V]); returns (o, final state)."""
+    _check(r, w, k, v, a, b, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    dtype = v.dtype
+    r, w, k, v, a, b = (x.float() for x in (r, w, k, v, a, b))
+    S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    out = []
+    for t in range(T):
+        sa = (a[:, t, :, None, :] @ S)  # (B, H, 1, V)
+        S = S * w[:, t].exp()[..., None] + b[:, t, :, :, None] * sa + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append((r[:, t, :, None, :] @ S).squeeze(-2) * scale)  # (B, H, V)
+    o = torch.stack(out, dim=1).to(dtype)
+    return o, (S if output_final_state else None)
+
+
+def recurrent_step_rwkv7(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    state: torch.Tensor, scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode: runs the recurrence token by token from `state` (fp32, [B, H, K, V]); cost O(T), memory O(1)."""
+    return naive_recurrent_rwkv7(r, w, k, v, a, b, scale=scale, initial_state=state, output_final_state=True)
+
+
+def chunk_rwkv7_torch(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form (WY-style, one unit-triangular solve per chunk), exact up to fp32 rounding.
+
+    Within a chunk, with gamma_t = prod_{s<=t} exp(w_s) and u_j = a_j^T S_{j-1}:
+        u_j  = (a_j gamma_{j-1})^T S_0 + sum_{i<j} (a_j gamma_{j-1} / gamma_i) . (b_i u_i + k_i v_i^T)
+    is a unit-lower-triangular system in u; outputs and the chunk-end state follow by matmuls, and the
+    only sequential part is S_{n+1} = T_n S_n + E_n across chunks. Requires chunk_size * max|w| < ~80
+    (RWKV-7's log-decay lies in [-0.61, 0], so 64 is safe in fp32).
+    """
+    _check(r, w, k, v, a, b, initial_state)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    dtype = v.dtype
+    C = chunk_size
+    pad = (-T) % C
+    xs = [x.float().transpose(1, 2) for x in (r, w, k, v, a, b)]  # (B, H, T, D)
+    if pad:  # padded steps: no decay, no input -> the state passes through unchanged
+        xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
+    N = (T + pad) // C
+    r_, w_, k_, v_, a_, b_ = (x.reshape(B, H, N, C, x.shape[-1]) for x in xs)
+
+    c = w_.cumsum(dim=-2)  # inclusive log-decay (B, H, N, C, K)
+    c_prev = c - w_
+    c_last = c[..., -1:, :]
+    ag = a_ * c_prev.exp()  # a_j gamma_{j-1}
+    b_inv = b_ * (-c).exp()  # b_i / gamma_i
+    k_inv = k_ * (-c).exp()
+    rg = r_ * c.exp()  # r_t gamma_t
+    b_end = b_ * (c_last - c).exp()  # b_j gamma_C / gamma_j
+    k_end = k_ * (c_last - c).exp()
+
+    ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
+    strict = torch.tril(ones, -1)
+    incl = torch.tril(ones)
+    A_ab = (ag @ b_inv.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    A_ak = (ag @ k_inv.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    P_b = (rg @ b_inv.transpose(-1, -2)).masked_fill(~incl, 0.0)
+    P_k = (rg @ k_inv.transpose(-1, -2)).masked_fill(~incl, 0.0)
+
+    L = torch.eye(C, dtype=r_.dtype, device=r.device) - A_ab
+    rhs = torch.cat([ag, A_ak @ v_], dim=-1)  # solve both right-hand sides at once
+    sol = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+    M1, M2 = sol[..., :K], sol[..., K:]  # u = M1 S_0 + M2
+    # chunk transition: S_end = T_n S_0 + E_n
+    Tn = torch.diag_embed(c_last.squeeze(-2).exp()) + b_end.transpose(-1, -2) @ M1  # (B, H, N, K, K)
+    En = b_end.transpose(-1, -2) @ M2 + k_end.transpose(-1, -2) @ v_  # (B, H, N, K, V)
+
+    S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    starts = []
+    for n in range(N):
+        starts.append(S)
+        S = Tn[:, :, n] @ S + En[:, :, n]
+    S0 = torch.stack(starts, dim=2)  # (B, H, N, K, V)
+    U = M1 @ S0 + M2
+    o = (rg @ S0 + P_b @ U + P_k @ v_) * scale  # (B, H, N, C, V)
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    return o, (S if output_final_state else None)
+
+
+_FLA: dict[str, object] | None = None
+
+
+def fla_available() -> bool:
+    """True when flash-linear-attention's RWKV-7 kernels import (needs triton and a GPU driver)."""
+    global _FLA
+    if _FLA is None:
+        try:
+            from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7  # type: ignore
+
+            _FLA = {"chunk": chunk_rwkv7, "recurrent": fused_recurrent_rwkv7}
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _FLA = {}
+    return bool(_FLA)
+
+
+def rwkv7_attention(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick the fastest correct form: fla Triton kernels on CUDA, else chunked (T > 1) or step (T == 1).
+
+    backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive".
+    """
+    T = r.shape[1]
+    use_fla = backend == "fla" or (backend == "auto" and r.is_cuda and fla_available())
+    if use_fla:
+        if not fla_available():
+            raise RuntimeError("rwkv7: backend='fla' needs flash-linear-attention and triton "
+                               "(pip install 'qwerky[gpu]') and a CUDA device")
+        fn = _FLA["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]  # type: ignore[index]
+        state = None if initial_state is None else initial_state.float()
+        o, s = fn(r, w, k, v, a, b, scale=scale, initial_state=state,  # type: ignore[operator]
+                  output_final_state=output_final_state)
+        return o, s
+    if backend == "naive" or T == 1:
+        return naive_recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state)
+    return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state)
