@@ -158,3 +158,12 @@ def test_real_python_docs_validation(tmp_path, tokenizer):
     assert cache.meta["splits"]["train"]["docs"] + cache.meta["splits"]["heldout"]["docs"] == 24
     assert cache.meta["splits"]["heldout"]["docs"] >= 1
     assert int(cache.train.max()) < len(tokenizer)
+
+
+def test_cache_feeds_packed_batches(tmp_path, tokenizer):
+    from qwerky.data import PackedBatches, heldout_windows
+
+    cache = build_token_cache(_corpus(tmp_path), tokenizer, tmp_path / "cache", heldout_fraction=0.2)
+    batch = next(PackedBatches(cache.train, seq_len=16, batch_size=4, seed=0))
+    assert batch.shape == (4, 16) and int(batch.max()) < len(tokenizer)
+    assert heldout_windows(cache.heldout, seq_len=16, max_windows=2).shape[1] == 16

@@ -31,7 +31,7 @@ def _as_windows(tokens: np.ndarray, seq_len: int, what: str) -> np.ndarray:
     """View the stream as ``[n_windows, seq_len]`` (the tail shorter than a window is dropped)."""
     if seq_len < 1:
         raise DataError(f"seq_len must be >= 1, got {seq_len}")
-    tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+    tokens = np.asarray(tokens)  # a memmap stays file-backed (a view, not a copy)
     if tokens.ndim != 1:
         raise DataError(f"{what} must be a flat 1-D token array, got shape {tuple(tokens.shape)}")
     n = tokens.shape[0] // seq_len
