@@ -1,0 +1,64 @@
+"""Small pieces shared by the mixers: RoPE application, GQA head expansion, low-rank adapters.
+
+Copied into every exported model folder: imports nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as HF decoders apply it, on [B, T, H, D]; cos/sin are [B, T, R] with R <= D (partial rotary)."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, T, Hk, D] -> [B, T, Hk * n_rep, D], each key/value head repeated for its query group."""
+    if n_rep == 1:
+        return x
+    B, T, Hk, D = x.shape
+    return x[:, :, :, None, :].expand(B, T, Hk, n_rep, D).reshape(B, T, Hk * n_rep, D)
+
+
+class LowRank(nn.Module):
+    """x -> act(x A) B; B starts at zero so a freshly added adapter has no effect."""
+
+    def __init__(self, dim_in: int, rank: int, dim_out: int, activation: str = "tanh") -> None:
+        super().__init__()
+        self.down = nn.Linear(dim_in, rank, bias=False)
+        self.up = nn.Linear(rank, dim_out, bias=False)
+        self.activation = activation
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.down.weight, std=self.down.in_features**-0.5)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        h = torch.tanh(h) if self.activation == "tanh" else torch.sigmoid(h) if self.activation == "sigmoid" else h
+        return self.up(h)
+
+
+def head_norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """Apply a teacher q/k norm: per head when its weight is head-sized, over all heads otherwise (OLMo2)."""
+    if norm is None:
+        return x
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.shape[-1] != x.shape[-1]:
+        B, T, H, D = x.shape
+        return norm(x.reshape(B, T, H * D)).reshape(B, T, H, D)
+    return norm(x)

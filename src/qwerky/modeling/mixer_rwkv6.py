@@ -1,0 +1,100 @@
+"""RAD-RWKV6 time-mix block (the alternative student).
+
+Data-dependent token shift (mixes start at zero: no shift), decay w = exp(-exp(w0 + tanh(x W1) W2))
+with log-decay clamped at >= -5, k <- k (1 - w), gated linear attention without a learned bonus
+(the current token enters at full weight: u = 1), a full-rank sigmoid output gate initialised at
+zero (scaled by 2 so it starts as the identity), no norm, no RoPE. State: S [H, D, D] fp32 and the
+previous token's input (for the shift).
+
+Copied into every exported model folder: imports nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers_common import LowRank, repeat_heads
+from .mixer_rwkv7 import ForwardContext
+from .ops_rwkv6 import rwkv6_attention
+
+MIN_LOG_DECAY = -5.0
+
+
+class RWKV6Mixer(nn.Module):
+    """Replaces one attention block; takes over the teacher attention's projection modules."""
+
+    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool) -> None:
+        super().__init__()
+        C, H, D = config.hidden_size, config.num_heads, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = H, config.num_kv_heads, D
+        self.receptance = attention.q_proj
+        self.key = attention.k_proj
+        self.value = attention.v_proj
+        self.output = getattr(attention, "o_proj", None) or attention.dense
+        self.r_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.shift_base = nn.Parameter(torch.zeros(5, C))  # r, k, v, w, g
+        self.shift_lora = LowRank(C, config.decay_rank, 5 * C)
+        self.decay_base = nn.Parameter(torch.linspace(-6.0, 1.0, D).repeat(H))
+        self.decay_lora = LowRank(C, config.decay_rank, H * D)
+        self.gate = nn.Linear(C, H * D, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.ctx = ForwardContext()
+
+    @torch.no_grad()
+    def reset_new_parameters(self) -> None:
+        """(Re)initialise the parameters the teacher did not have (used after meta-device surgery)."""
+        H, D = self.num_heads, self.head_dim
+        self.shift_base.zero_()
+        self.shift_lora.reset_parameters()
+        self.decay_base.copy_(torch.linspace(-6.0, 1.0, D).repeat(H))
+        self.decay_lora.reset_parameters()
+        self.gate.weight.zero_()
+
+    def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+        D, C = self.head_dim, self.shift_base.shape[1]
+        return {"S": torch.zeros(batch_size, self.num_heads, D, D, dtype=torch.float32, device=device),
+                "shift": torch.zeros(batch_size, C, dtype=self.shift_base.dtype, device=device)}
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        x = hidden_states
+        B, T, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        layer_state = self.ctx.layer_state(self.layer_idx)
+        mask = self.ctx.token_mask
+        xm = x if mask is None else x * mask[:, :, None].to(x.dtype)
+        first = xm.new_zeros(B, 1, C) if layer_state is None else layer_state["shift"][:, None].to(x.dtype)
+        x_prev = torch.cat([first, xm[:, :-1]], dim=1)
+        if layer_state is not None:
+            last = xm[:, -1]
+            if mask is not None:  # a padded last column keeps the previous shift
+                last = torch.where(mask[:, -1:], last, layer_state["shift"].to(x.dtype))
+            layer_state["shift"] = last
+        xx = x_prev - x
+        mixes = self.shift_base[None, None] + self.shift_lora(x + xx * 0.5).view(B, T, 5, C)
+        xr, xk, xv, xw, xg = (x + xx * mixes[:, :, i] for i in range(5))
+        r = self.receptance(xr).view(B, T, H, D)
+        k = self.key(xk).view(B, T, self.num_kv_heads, D)
+        v = self.value(xv).view(B, T, self.num_kv_heads, D)
+        if self.r_norm is not None:
+            r, k = self.r_norm(r), self.k_norm(k)
+        n_rep = H // self.num_kv_heads
+        k, v = repeat_heads(k, n_rep), repeat_heads(v, n_rep)
+        log_w = (-torch.exp(self.decay_base + self.decay_lora(xw))).clamp(min=MIN_LOG_DECAY).view(B, T, H, D)
+        k = k * (1 - log_w.exp())
+        if mask is not None:
+            m = mask[:, :, None, None].to(k.dtype)
+            k, log_w = k * m, log_w * m
+        s0 = None if layer_state is None else layer_state["S"]
+        bonus = torch.ones(H, D, dtype=torch.float32, device=x.device)  # no learned bonus (RAD-RWKV6)
+        y, s = rwkv6_attention(r, k, v, log_w, bonus, scale=D**-0.5, initial_state=s0,
+                               output_final_state=layer_state is not None, backend=self.ctx.backend)
+        if layer_state is not None:
+            layer_state["S"] = s
+        y = y.reshape(B, T, H * D) * (2 * torch.sigmoid(self.gate(xg)))
+        return self.output(y), None

@@ -1,0 +1,111 @@
+"""Windowed student (exact local softmax + RWKV-7 state) and the kept full attention of hybrid layers.
+
+WindowMixer: in every converted layer, exact softmax attention with the teacher's own q/k/v over the
+last `window_size` tokens plus `num_sinks` sink tokens, plus the RWKV-7 branch over all tokens:
+
+    y = window_scale[h] * softmax_window(q, k, v) + branch_gate * rwkv7(r=q, k, v)
+
+`branch_gate` (per channel) starts at zero and `window_scale` at one, so at initialisation the student
+equals the teacher restricted to the window exactly (the training-free baseline), and training can only
+start from there. The per-head scale lets training undo the over-weighting of in-window tokens that a
+window-normalised softmax causes (the calibration in method.md found it helped most). Decoding keeps
+W + S keys/values per layer and the fixed-size state: memory per sequence is bounded.
+
+AttentionMixer: the teacher's full causal attention, for hybrid layers; its cache grows with the context.
+
+Copied into every exported model folder: imports nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers_common import apply_rope, head_norm
+from .mixer_rwkv7 import ForwardContext, RWKV7Mixer
+from .ops_window import empty_cache, window_attention
+
+
+class WindowMixer(RWKV7Mixer):
+    """Sliding-window + sink softmax attention plus a zero-gated RWKV-7 branch."""
+
+    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool) -> None:
+        super().__init__(config, layer_idx, attention, first_layer)
+        self.window_size, self.num_sinks = config.window_size, config.num_sinks
+        self.scaling = config.attention_scaling
+        self.window_scale = nn.Parameter(torch.ones(self.num_heads))
+        self.branch_gate = nn.Parameter(torch.zeros(self.num_heads * self.head_dim))
+
+    @torch.no_grad()
+    def reset_new_parameters(self) -> None:
+        super().reset_new_parameters()
+        self.window_scale.fill_(1.0)
+        self.branch_gate.zero_()
+
+    def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+        state = super().init_state(batch_size, device)
+        state.update(empty_cache(batch_size, self.num_kv_heads, self.head_dim, self.window_size,
+                                 self.num_sinks, self.receptance.weight.dtype, device))
+        return state
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        x = hidden_states
+        B, T, _ = x.shape
+        r, k, v = self._project(x, position_embeddings)
+        layer_state = self.ctx.layer_state(self.layer_idx)
+        positions = _positions(self.ctx, B, T, x.device)
+        local = window_attention(r, k, v, positions, self.scaling, self.window_size, self.num_sinks,
+                                 cache=layer_state)
+        y = local * self.window_scale[None, None, :, None].to(local.dtype)
+        y = y.reshape(B, T, -1)
+        branch = self._recurrent(x, r, k, v, layer_state, value_residual=False).reshape(B, T, -1)
+        y = y + self.branch_gate.to(y.dtype) * branch * (1 + self.gate_lora(x))
+        return self.output(y), None
+
+
+class AttentionMixer(nn.Module):
+    """The teacher's own full causal attention (hybrid layers), with a growing key/value cache."""
+
+    def __init__(self, config: Any, layer_idx: int, attention: nn.Module) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scaling = config.attention_scaling
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
+        self.o_proj = getattr(attention, "o_proj", None) or attention.dense
+        self.q_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.ctx = ForwardContext()
+
+    def reset_new_parameters(self) -> None:
+        return  # everything here is the teacher's
+
+    def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
+        return empty_cache(batch_size, self.num_kv_heads, self.head_dim, None, 0,
+                           self.q_proj.weight.dtype, device)
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        x = hidden_states
+        B, T, _ = x.shape
+        q = head_norm(self.q_norm, self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
+        k = head_norm(self.k_norm, self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        positions = _positions(self.ctx, B, T, x.device)
+        y = window_attention(q, k, v, positions, self.scaling, None, 0,
+                             cache=self.ctx.layer_state(self.layer_idx))
+        return self.o_proj(y.reshape(B, T, -1)), None
+
+
+def _positions(ctx: ForwardContext, B: int, T: int, device: torch.device) -> torch.Tensor:
+    if ctx.positions is not None:
+        return ctx.positions
+    return torch.arange(T, device=device).expand(B, T)

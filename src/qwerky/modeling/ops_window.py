@@ -1,0 +1,96 @@
+"""Exact softmax attention over a bounded window plus sink tokens, with a fixed-size key/value cache.
+
+A query at position p sees keys at positions j <= p with j < num_sinks or p - j < window
+(window=None: every earlier key, i.e. the teacher's full causal attention). The cache keeps the
+`num_sinks` first and `window` latest keys/values of each row, so memory per sequence is bounded.
+Positions are absolute per row; -1 marks padding or an empty slot (never attended).
+
+Copied into every exported model folder: imports nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers_common import repeat_heads
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, num_sinks: int) -> torch.Tensor:
+    """Boolean [B, Tq, Tk]: which key may each query see."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok = ok & ((kp < num_sinks) | (qp - kp < window))
+    return ok
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
+    window: int | None, num_sinks: int, cache: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Softmax attention of q [B, T, H, D] over cached + new keys k, v [B, T, Hk, D].
+
+    positions [B, T] are the absolute positions of the new tokens (-1 = padding). When `cache` is given
+    (see `empty_cache`), it supplies the earlier keys and is updated in place with the new ones.
+    """
+    B, T, H, D = q.shape
+    n_rep = H // k.shape[2]
+    keys, values, k_pos = k, v, positions
+    if cache is not None:
+        parts_k, parts_v, parts_p = [], [], []
+        if "sk" in cache:  # sink slots; window slots below exclude positions < num_sinks to avoid duplicates
+            parts_k.append(cache["sk"])
+            parts_v.append(cache["sv"])
+            parts_p.append(cache["spos"])
+            wpos = cache["kpos"].masked_fill(cache["kpos"] < num_sinks, -1)
+        else:
+            wpos = cache["kpos"]
+        parts_k += [cache["k"], k]
+        parts_v += [cache["v"], v]
+        parts_p += [wpos, positions]
+        keys, values, k_pos = torch.cat(parts_k, 1), torch.cat(parts_v, 1), torch.cat(parts_p, 1)
+    allowed = _allowed(positions, k_pos, window, num_sinks)
+    # a padding query sees only itself, so no row of the softmax is empty
+    own = torch.zeros_like(allowed)
+    own[:, :, keys.shape[1] - T:] = torch.eye(T, dtype=torch.bool, device=q.device)
+    allowed = allowed | (own & (positions < 0)[:, :, None])
+    kk = repeat_heads(keys.to(q.dtype), n_rep).transpose(1, 2)
+    vv = repeat_heads(values.to(q.dtype), n_rep).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=allowed[:, None], scale=scale)
+    if cache is not None:
+        _update_cache(cache, k, v, positions, window, num_sinks)
+    return out.transpose(1, 2)
+
+
+def empty_cache(batch_size: int, num_kv_heads: int, head_dim: int, window: int | None, num_sinks: int,
+                dtype: torch.dtype, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Pre-allocated cache: `window` slots and `num_sinks` sink slots (window=None: an empty, growing cache)."""
+    slots = 0 if window is None else window
+    cache = {
+        "k": torch.zeros(batch_size, slots, num_kv_heads, head_dim, dtype=dtype, device=device),
+        "v": torch.zeros(batch_size, slots, num_kv_heads, head_dim, dtype=dtype, device=device),
+        "kpos": torch.full((batch_size, slots), -1, dtype=torch.long, device=device),
+    }
+    if window is not None and num_sinks > 0:
+        cache["sk"] = torch.zeros(batch_size, num_sinks, num_kv_heads, head_dim, dtype=dtype, device=device)
+        cache["sv"] = torch.zeros(batch_size, num_sinks, num_kv_heads, head_dim, dtype=dtype, device=device)
+        cache["spos"] = torch.full((batch_size, num_sinks), -1, dtype=torch.long, device=device)
+    return cache
+
+
+def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  window: int | None, num_sinks: int) -> None:
+    k = k.to(cache["k"].dtype)
+    v = v.to(cache["v"].dtype)
+    if "sk" in cache:
+        rows, cols = ((positions >= 0) & (positions < num_sinks)).nonzero(as_tuple=True)
+        if rows.numel():
+            slot = positions[rows, cols]
+            cache["sk"][rows, slot] = k[rows, cols]
+            cache["sv"][rows, slot] = v[rows, cols]
+            cache["spos"][rows, slot] = positions[rows, cols]
+    keep = None if window is None else window
+    for name, new in (("k", k), ("v", v), ("kpos", positions)):
+        joined = torch.cat([cache[name], new], dim=1)
+        cache[name] = joined if keep is None else joined[:, joined.shape[1] - keep:].contiguous()
