@@ -101,7 +101,7 @@ def convert_teacher(teacher: nn.Module, mixer: str = "rwkv7", attention_layers: 
         else:
             new_params.append(name)
             _set_tensor(student, name, torch.empty(p.shape, dtype=ref.dtype, device=ref.device), True)
-    for name, b in student_buffers.items():
+    for name in student_buffers:
         if name in teacher_tensors:
             _set_tensor(student, name, teacher_tensors[name][0], False)
         else:
