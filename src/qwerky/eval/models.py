@@ -1,0 +1,212 @@
+"""Loading models for evaluation and running them the same way whatever they are.
+
+Evaluation compares three kinds of model side by side: the teacher (a plain HF causal LM, KV cache),
+the student and the window baseline (QwerkyForCausalLM, a fixed-size recurrent state). The helpers here
+hide that difference: `is_recurrent`, `hidden_states` + `head_logits` (so logits can be made in chunks
+and B x T x V never exists at once), `Stream` (feed tokens piece by piece, carrying the state or the
+KV cache) and `greedy_generate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": None}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bfloat16' / 'bf16' / torch.bfloat16 / None -> torch dtype (None: keep the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def is_qwerky_dir(path: str | Path) -> bool:
+    """True when the folder holds a converted (model_type 'qwerky') model."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "qwerky"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               trust_remote_code: bool = False) -> nn.Module:
+    """A qwerky folder through `load_student` (our own classes), anything else through AutoModelForCausalLM."""
+    torch_dtype = parse_dtype(dtype)
+    if is_qwerky_dir(path):
+        from qwerky.surgery import load_student
+
+        return load_student(path, device=device, dtype=torch_dtype)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def is_recurrent(model: nn.Module) -> bool:
+    """Models with `init_state` carry a QwerkyState; the rest are HF models with a KV cache."""
+    return callable(getattr(model, "init_state", None))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The context length the model (or the teacher inside a student) was built for."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "teacher_config", None) or cfg
+    value = getattr(cfg, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+@contextlib.contextmanager
+def _identity_head(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily replace the LM head by Identity so the forward returns hidden states as 'logits'."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, state: Any = None,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, nn.Module, Any]:
+    """Final hidden states [B, T, C] (before the head), the head module, and the updated state/cache.
+
+    The head is applied later by `head_logits` in chunks: for a 150k vocabulary, B x T x V fp32 logits
+    of a whole batch would not fit next to the model.
+    """
+    kwargs: dict[str, Any] = {}
+    if state is not None:
+        kwargs.update(past_key_values=state, use_cache=True)
+    else:
+        kwargs.update(use_cache=False)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    with _identity_head(model) as head:
+        out = model(input_ids=input_ids, **kwargs)
+    return out.logits, head, getattr(out, "past_key_values", None)
+
+
+def head_logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a slice of hidden states (applies final soft-capping where the family has it)."""
+    logits = head(hidden).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunk_len(batch: int, vocab: int, budget_elems: int = 1 << 26, minimum: int = 1) -> int:
+    """Sequence chunk so that one [batch, chunk, vocab] fp32 tensor stays under `budget_elems` (256 MiB)."""
+    return max(minimum, budget_elems // max(1, batch * vocab))
+
+
+class Stream:
+    """Feed one sequence's tokens piece by piece; the recurrent state or the KV cache is carried.
+
+    `feed(ids)` returns the final hidden states of those tokens; `logits(hidden)` turns a slice into fp32
+    logits. Memory of a recurrent model stays constant; a teacher's KV cache grows with the context.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.recurrent = is_recurrent(model)
+        self.state: Any = model.init_state(batch_size) if self.recurrent else None
+        self.position = 0
+        self.head: nn.Module = model.get_output_embeddings()
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if self.recurrent:
+            hidden, self.head, _ = hidden_states(self.model, ids, state=self.state)
+        else:
+            kwargs: dict[str, Any] = {"use_cache": True}
+            if self.state is not None:
+                kwargs["past_key_values"] = self.state
+            with _identity_head(self.model) as head:
+                out = self.model(input_ids=ids, **kwargs)
+            hidden, self.head, self.state = out.logits, head, out.past_key_values
+        self.position += ids.shape[1]
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.model, self.head, hidden)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *,
+                    eos_token_ids: Sequence[int] = (), stop: Callable[[list[int]], bool] | None = None,
+                    prefill_chunk: int = 2048) -> list[int]:
+    """Greedy decoding of one sequence: the prompt is prefilled in chunks, then one token per step.
+
+    A recurrent model keeps its fixed-size state, a HF model its KV cache; no padding is involved, so
+    nothing can leak between requests. Stops at an eos id, when `stop(generated)` is true, or after
+    `max_new_tokens`.
+    """
+    if not prompt:
+        raise ValueError("greedy_generate needs a non-empty prompt")
+    stream = Stream(model)
+    hidden = None
+    for i in range(0, len(prompt), prefill_chunk):
+        hidden = stream.feed(list(prompt[i:i + prefill_chunk]))
+    assert hidden is not None
+    out: list[int] = []
+    eos = set(int(e) for e in eos_token_ids)
+    for _ in range(max_new_tokens):
+        token = int(stream.logits(hidden[:, -1]).argmax(-1)[0])
+        if token in eos:
+            break
+        out.append(token)
+        if stop is not None and stop(out):
+            break
+        if len(out) == max_new_tokens:
+            break
+        hidden = stream.feed([token])
+    return out
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a generation: the tokenizer's eos and the generation config's eos ids."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None)
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, (list, tuple)):
+        ids.update(int(v) for v in value)
+    return sorted(ids)
