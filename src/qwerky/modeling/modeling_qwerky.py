@@ -126,14 +126,28 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
         state untouched and do not count as positions, so left-padded batches give the same result as
         each row alone.
         """
+        state = past_key_values if isinstance(past_key_values, QwerkyState) else None
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if state is None and use_cache and ref is not None:
+            state = self.init_state(ref.shape[0], ref.device)
+        hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    state=state, **kwargs)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=state)
+
+    def hidden_states(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, state: QwerkyState | None = None,
+                      **kwargs: Any) -> torch.Tensor:
+        """Final hidden states [B, T, C] (before the LM head); continues from and updates `state` if given."""
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         B, T = ref.shape[:2]
         device = ref.device
-        state = past_key_values if isinstance(past_key_values, QwerkyState) else None
-        if state is None and use_cache:
-            state = self.init_state(B, device)
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
@@ -143,26 +157,19 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
         if mask is None:
             positions = start[:, None] + torch.arange(T, device=device)[None]
         else:
-            positions = start[:, None] + mask.long().cumsum(1) - 1
-            positions = positions.masked_fill(~mask, -1)
-        if position_ids is None or mask is not None or state is not None:
-            position_ids = positions.clamp(min=0)
+            positions = (start[:, None] + mask.long().cumsum(1) - 1).masked_fill(~mask, -1)
         ctx = self.ctx
+        # v_first stays set after the pass: activation checkpointing recomputes layers during backward
         ctx.state, ctx.token_mask, ctx.positions, ctx.v_first = state, mask, positions, None
         try:
-            hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=positions.clamp(min=0),
                                 use_cache=False, **_passthrough(kwargs)).last_hidden_state
         finally:
-            ctx.state, ctx.token_mask, ctx.positions, ctx.v_first = None, None, None, None
+            ctx.state, ctx.token_mask = None, None
         if state is not None:
             state.position = start + (T if mask is None else mask.long().sum(1))
             state.seen += T
-        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep])
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=state)
+        return hidden
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, past_key_values: QwerkyState | None = None,

@@ -129,9 +129,9 @@ def chunk_rwkv7_torch(
 
     S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     starts = []
-    for n in range(N):
+    for Tn_n, En_n in zip(Tn.unbind(2), En.unbind(2)):  # unbind: one gradient stack, not N zero-filled
         starts.append(S)
-        S = Tn[:, :, n] @ S + En[:, :, n]
+        S = Tn_n @ S + En_n
     S0 = torch.stack(starts, dim=2)  # (B, H, N, K, V)
     U = M1 @ S0 + M2
     o = (rg @ S0 + P_b @ U + P_k @ v_) * scale  # (B, H, N, C, V)

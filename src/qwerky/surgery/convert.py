@@ -116,15 +116,17 @@ def convert_teacher(teacher: nn.Module, mixer: str = "rwkv7", attention_layers: 
     return student
 
 
-def unshare_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
-    """Give the student private copies of every tensor it shares with the teacher; returns how many."""
+def unshare_from_teacher(student: nn.Module, teacher: nn.Module, modules: Sequence[nn.Module] | None = None) -> int:
+    """Give the student private copies of the tensors it shares with the teacher (within `modules`, default
+    all of it), so that training them leaves the frozen teacher intact; returns how many were copied."""
     teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
     count = 0
-    for module in student.modules():
-        for attr, p in list(module._parameters.items()):
-            if p is not None and p.data_ptr() in teacher_ptrs:
-                module._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                count += 1
+    for root in modules if modules is not None else [student]:
+        for module in root.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is not None and p.data_ptr() in teacher_ptrs:
+                    module._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    count += 1
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
     return count

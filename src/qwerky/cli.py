@@ -1,0 +1,199 @@
+"""`qwerky` command line: thin subcommands over the library.
+
+Every user-facing problem is printed as one line `qwerky: error: ...` with a non-zero exit status;
+tracebacks are for bugs (set QWERKY_DEBUG=1 to see them for user errors too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from qwerky.data import DataError
+    from qwerky.surgery.families import UnsupportedArchitectureError
+    from qwerky.teacher import QwerkyError
+    from qwerky.train.recipe import RecipeError
+
+    return (QwerkyError, DataError, UnsupportedArchitectureError, RecipeError)
+
+
+def _stages(text: str) -> list[int]:
+    try:
+        return sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stages expects a comma list like 1,2,3,4 or 0, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qwerky.train import ConvertJob, load_recipe, run_conversion
+
+    overrides = list(args.set or [])
+    if args.mixer:
+        overrides.append(f"student.mixer={args.mixer}")
+    if args.attention_layers is not None:
+        overrides.append(f"student.attention_layers={','.join(map(str, args.attention_layers))}")
+    recipe = load_recipe(args.recipe, overrides)
+    job = ConvertJob(teacher=Path(args.teacher), out=Path(args.out), recipe=recipe, data=[Path(p) for p in args.data],
+                     heldout=[Path(p) for p in args.heldout], stages=args.stages,
+                     run_dir=Path(args.run_dir) if args.run_dir else None, resume=args.resume,
+                     overwrite=args.overwrite, device=args.device, evaluate=not args.no_eval)
+    report = run_conversion(job)
+    if report:
+        from qwerky.train.pipeline import render_report_md
+
+        print(render_report_md(report))
+        print(f"student written to {job.out}; run directory {job.run_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from qwerky.teacher import load_any_model, load_tokenizer
+
+    model = load_any_model(args.model)
+    tok = load_tokenizer(args.model)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            from qwerky.teacher import QwerkyError
+
+            raise QwerkyError(f"{args.model} has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]])
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    kwargs = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens, "streamer": streamer}
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+        torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                       **kwargs)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qwerky.demo import run_demo
+
+    return run_demo(out=Path(args.out), overwrite=args.overwrite, sets=args.set or [])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qwerky.plan import plan_main
+
+    return plan_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwerky", description="Convert a Hugging Face transformer into an "
+                                "attention-free RWKV model by distillation; evaluate and serve it.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="teacher folder + text -> converted student folder and report")
+    c.add_argument("--teacher", required=True, help="Hugging Face causal LM folder (with tokenizer)")
+    c.add_argument("--out", required=True, help="output folder for the converted model")
+    c.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.jsonl.gz/.parquet files or saved datasets")
+    c.add_argument("--heldout", nargs="*", default=[], help="held-out text for evaluation (default: a split of --data)")
+    c.add_argument("--recipe", default="default", help="built-in recipe name (default, published) or a YAML path")
+    c.add_argument("--stages", type=_stages, default=[1, 2, 3, 4], help="0 = weight transfer only; default 1,2,3,4")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. stage2.tokens=2e5")
+    c.add_argument("--mixer", choices=["rwkv7", "rwkv6", "window"], help="student mixer (recipe student.mixer)")
+    c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
+    c.add_argument("--run-dir", help="checkpoints, logs and reports (default: OUT.run)")
+    c.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder / run")
+    c.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    c.add_argument("--no-eval", action="store_true", help="skip held-out evaluation")
+    c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="stream a completion from a converted (or teacher) model")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="convert the embedded teacher end to end and print the report")
+    d.add_argument("--out", default="qwerky-demo", help="output folder (default ./qwerky-demo)")
+    d.add_argument("--overwrite", action="store_true", default=True)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
+    d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="estimate per-stage memory and time from a config, without loading weights")
+    from qwerky.plan import add_plan_arguments
+
+    add_plan_arguments(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    _optional_subcommands(sub)
+    return p
+
+
+def _optional_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands whose modules live in eval/ and serve/."""
+    try:
+        from qwerky.eval import cli as eval_cli
+    except ImportError:
+        eval_cli = None
+    if eval_cli is not None:
+        for name, helptext in (("eval", "held-out quality against the teacher and the window baseline"),
+                               ("longctx", "long-context suite: passkey, NIAH, VT, FWE"),
+                               ("compare", "ratio table from two lm-eval result files"),
+                               ("report", "one HTML page for a conversion run")):
+            sp = sub.add_parser(name, help=helptext)
+            getattr(eval_cli, f"add_{name}_arguments")(sp)
+            sp.set_defaults(func=getattr(eval_cli, f"{name}_main"))
+    try:
+        from qwerky import serve as serve_pkg
+
+        add = serve_pkg.add_serve_arguments
+        run = serve_pkg.serve_main
+    except (ImportError, AttributeError):
+        return
+    sp = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching")
+    add(sp)
+    sp.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    errors = _user_errors()
+    try:
+        return int(args.func(args) or 0)
+    except errors as err:
+        if os.environ.get("QWERKY_DEBUG"):
+            raise
+        message = " ".join(str(err).split())
+        print(f"qwerky: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qwerky: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Loading a teacher folder: fail fast, with one clear line, before any weights are read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class QwerkyError(Exception):
+    """A user-facing problem: the CLI prints its message on one line and exits non-zero."""
+
+
+def check_model_dir(path: str | Path, what: str = "teacher") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise QwerkyError(f"{what} folder not found: {p} (pass a Hugging Face model folder containing config.json)")
+    if not (p / "config.json").is_file():
+        raise QwerkyError(f"{what} folder {p} has no config.json (pass a Hugging Face model folder, e.g. one written "
+                          "by save_pretrained)")
+    try:
+        json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise QwerkyError(f"{what} config {p / 'config.json'} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    return p
+
+
+def teacher_skeleton(config: Any) -> torch.nn.Module:
+    """The teacher's module tree on the meta device: lets surgery and planning inspect it for free."""
+    from transformers import AutoModelForCausalLM
+
+    from qwerky.surgery.families import FAMILY_HINT, UnsupportedArchitectureError
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError as err:
+            first = str(err).strip().splitlines()[0]
+            raise UnsupportedArchitectureError(
+                f"unsupported architecture '{config.model_type}': transformers has no causal LM for it ({first}); "
+                f"{FAMILY_HINT}") from None
+
+
+def load_config(path: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json":
+        data = json.loads(p.read_text())
+        return AutoConfig.for_model(**data)
+    return AutoConfig.from_pretrained(str(check_model_dir(p)))
+
+
+def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """Validate the folder and the architecture (on meta, no weights read), then load the teacher, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    from qwerky.surgery.families import inspect_teacher
+
+    p = check_model_dir(path)
+    config = load_config(p)
+    if getattr(config, "model_type", "") == "qwerky":
+        raise QwerkyError(f"{p} is already a converted qwerky model; pass the original transformer as --teacher")
+    inspect_teacher(teacher_skeleton(config))
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - any tokenizer failure is reported the same way
+        raise QwerkyError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]} (the teacher folder must "
+                          "include its tokenizer files)") from None
+
+
+def load_any_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """A qwerky folder with qwerky's own classes, any other HF causal LM with transformers."""
+    p = check_model_dir(path, "model")
+    cfg = json.loads((p / "config.json").read_text())
+    if cfg.get("model_type") == "qwerky":
+        from qwerky.surgery.export import load_student
+
+        return load_student(p, device=device, dtype=dtype)
+    return load_teacher(p, device=device, dtype=dtype)

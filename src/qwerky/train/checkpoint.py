@@ -1,0 +1,101 @@
+"""Atomic, verified training checkpoints.
+
+Each checkpoint is one file `step-XXXXXXXX.pt` written to a temporary name, fsynced and renamed into
+place, with a sha256 recorded in `manifest.json` (itself replaced atomically). Loading verifies the
+hash; a corrupt or partial file is reported and the previous good checkpoint is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints in `directory`; keeps the newest `keep`."""
+
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def _manifest(self) -> list[dict[str, Any]]:
+        try:
+            return json.loads(self.manifest_path.read_text())["checkpoints"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return []
+
+    def save(self, payload: dict[str, Any], tag: str) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{tag}.pt"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.dir)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            digest = _sha256(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        entries = [e for e in self._manifest() if e["file"] != path.name]
+        entries.append({"file": path.name, "sha256": digest, "tag": tag})
+        for old in entries[: -self.keep]:
+            (self.dir / old["file"]).unlink(missing_ok=True)
+        atomic_write_json(self.manifest_path, {"checkpoints": entries[-self.keep:]})
+        return path
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint whose hash verifies; None when there is none."""
+        for entry in reversed(self._manifest()):
+            path = self.dir / entry["file"]
+            if not path.is_file():
+                log.warning("checkpoint %s listed but missing; trying the previous one", path)
+                continue
+            if _sha256(path) != entry["sha256"]:
+                log.warning("checkpoint %s is corrupt or partial (sha256 mismatch); using the previous one", path)
+                continue
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:  # noqa: BLE001 - an unreadable file is as bad as a corrupt one
+                log.warning("checkpoint %s unreadable (%s); using the previous one", path, err)
+        return None

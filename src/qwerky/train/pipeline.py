@@ -1,0 +1,324 @@
+"""The main job: teacher folder + text -> converted student folder + quality report.
+
+Order: validate every input (nothing is written before that), tokenise the data once (cached), stage 0
+surgery, the enabled stages with checkpoints, held-out evaluation against the teacher and the
+training-free window baseline, export, report.json + report.md. `resume=True` continues from the newest
+good checkpoint in the run directory: same weights, optimiser, schedule, data position and RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwerky.data import DataError, PackedBatches, build_token_cache, heldout_windows
+from qwerky.data.sources import resolve_sources
+from qwerky.surgery import convert_teacher, save_student, unshare_from_teacher
+from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
+
+from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
+from .loop import JsonlLog, run_stage
+from .parallel import DistInfo, barrier, cleanup, init_distributed, shard_model
+from .recipe import Recipe
+from .stages import STAGE_NAMES, TeacherTaps, add_mlp_lora, make_loss_fn, merge_lora, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertJob:
+    teacher: Path
+    out: Path
+    recipe: Recipe
+    data: list[Path] = field(default_factory=list)
+    heldout: list[Path] = field(default_factory=list)
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    run_dir: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    cache_dir: Path | None = None
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir) if self.run_dir else self.out.with_name(self.out.name + ".run")
+
+
+def validate_job(job: ConvertJob) -> None:
+    """Every check that can fail on user input, before anything is written."""
+    check_model_dir(job.teacher)
+    bad = [s for s in job.stages if s not in (0, 1, 2, 3, 4)]
+    if bad:
+        raise QwerkyError(f"--stages accepts 0 (conversion only) and 1,2,3,4; got {bad}")
+    training = [s for s in job.stages if s > 0]
+    if training and not job.data:
+        raise QwerkyError("training stages need text: pass --data FILE... (.txt, .jsonl, .jsonl.gz, .parquet, "
+                          "or a saved datasets folder), or --stages 0 for conversion only")
+    for source in resolve_sources(job.data) + (resolve_sources(job.heldout) if job.heldout else []):
+        for f in source.files():  # DataError above for a missing path or an unsupported kind
+            if f.is_file() and f.stat().st_size == 0:
+                raise DataError(f"data file {f} is empty (pass a file with text in it)")
+    assert job.run_dir is not None
+    has_ckpt = (job.run_dir / "checkpoints" / "manifest.json").exists()
+    if job.resume and not has_ckpt:
+        raise QwerkyError(f"--resume: no checkpoint in {job.run_dir} (run without --resume to start)")
+    if not job.resume and has_ckpt and not job.overwrite:
+        raise QwerkyError(f"{job.run_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                          "--overwrite to start again, or another --run-dir")
+    if job.out.exists() and any(job.out.iterdir()) and not (job.overwrite or job.resume):
+        raise QwerkyError(f"output folder {job.out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return None
+
+
+def _full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    if not info.enabled:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+    if not info.enabled:
+        model.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def run_conversion(job: ConvertJob) -> dict[str, Any]:
+    """Run the whole conversion; returns the report dict (also written to report.json)."""
+    validate_job(job)
+    recipe = job.recipe
+    info = init_distributed(job.device)
+    try:
+        return _run(job, recipe, info)
+    finally:
+        cleanup(info)
+
+
+def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if recipe.train.threads > 0:
+        torch.set_num_threads(recipe.train.threads)
+    torch.manual_seed(recipe.train.seed)
+    assert job.run_dir is not None
+    run_dir = job.run_dir
+    tokenizer = load_tokenizer(job.teacher)
+    teacher = load_teacher(job.teacher, device=info.device)
+    training = sorted(s for s in job.stages if s > 0 and recipe.stage(s).enabled)
+
+    cache = None
+    if job.data:
+        cache_dir = job.cache_dir or run_dir / "token-cache"
+        if info.is_main:
+            cache = build_token_cache(job.data, tokenizer, cache_dir, heldout_paths=job.heldout or None,
+                                      heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
+                                      text_field=recipe.data.text_field)
+        barrier(info)
+        if not info.is_main:
+            cache = build_token_cache(job.data, tokenizer, cache_dir, heldout_paths=job.heldout or None,
+                                      heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
+                                      text_field=recipe.data.text_field)
+
+    student = convert_teacher(teacher, mixer=recipe.student.mixer, attention_layers=recipe.student.attention_layers,
+                              window_size=recipe.student.window_size, num_sinks=recipe.student.num_sinks)
+    if info.enabled or training:
+        # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
+        unshare_from_teacher(student, teacher, modules=student.mixers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if job.overwrite and not job.resume and info.is_main:
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        manifest = run_dir / "checkpoints" / "manifest.json"
+        manifest.unlink(missing_ok=True)
+    barrier(info)
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
+    logger = JsonlLog(run_dir / "log.jsonl", info.is_main,
+                      run_dir / "tb" if recipe.train.tensorboard else None)
+
+    resume = ckpt.load_latest() if job.resume else None
+    if job.resume and resume is None:
+        raise QwerkyError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is corrupt or missing")
+    if resume is not None and resume.get("recipe") != recipe.to_dict():
+        raise QwerkyError("--resume: the recipe differs from the checkpointed run's (same --recipe and --set needed)")
+    summaries: list[dict[str, Any]] = resume["summaries"] if resume else []
+    done = {s["stage"] for s in summaries}
+    lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
+    unshared_all = False
+
+    if info.enabled:
+        unshare_from_teacher(student, teacher)
+        unshared_all = True
+        from qwerky.modeling.modeling_qwerky import find_decoder_layers
+
+        t_layers = find_decoder_layers(getattr(teacher, teacher.base_model_prefix), teacher.config.num_hidden_layers)
+        shard_model(teacher, [], t_layers)
+        shard_model(student, student.mixers, find_decoder_layers(student.model, student.config.num_hidden_layers))
+    autocast = _autocast(recipe.train.precision, info.device)
+    ac = recipe.train.activation_checkpointing
+    if ac == "on" or (ac == "auto" and info.device.type == "cuda"):
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    evals: dict[str, Any] = {}
+    windows = None
+    if cache is not None and len(cache.heldout) > recipe.data.eval_seq_len:
+        windows = heldout_windows(cache.heldout, recipe.data.eval_seq_len, recipe.data.eval_windows)
+
+    if resume is not None:
+        if resume.get("lora"):
+            add_mlp_lora(student, resume["lora"])
+        if resume.get("unshared_all") and not unshared_all:
+            unshare_from_teacher(student, teacher)
+            unshared_all = True
+        _load_full_state_dict(student, resume["model"], info)
+        evals = resume.get("evals", {})
+
+    if info.is_main and windows is not None and "stage0" not in evals and job.evaluate:
+        evals["stage0"] = _quality(teacher, student, windows, info)
+
+    for stage in training:
+        if stage in done:
+            continue
+        spec = recipe.stage(stage)
+        if stage >= 3 and not unshared_all:
+            unshare_from_teacher(student, teacher)
+            unshared_all = True
+        lora_rank = spec.lora_rank if stage >= 3 else 0
+        if lora_rank and not any("lora_" in n for n, _ in student.named_parameters()):
+            add_mlp_lora(student, lora_rank)
+        assert cache is not None
+        batches = PackedBatches(cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
+                                rank=info.rank, world_size=info.world_size)
+        params = trainable_parameters(stage, student, spec)
+        student.train()
+        taps = TeacherTaps(teacher) if stage == 1 else None
+        stage_resume = resume["stage_state"] if resume is not None and resume.get("stage") == stage else None
+
+        def save(payload: dict[str, Any], stage: int = stage) -> None:
+            model_state = _full_state_dict(student, info)
+            if info.is_main:
+                ckpt.save({"stage": stage, "stage_state": payload, "model": model_state, "summaries": summaries,
+                           "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
+                           "lora": lora_rank or (resume or {}).get("lora", 0)},
+                          tag=f"stage{stage}-step{payload['step']:08d}")
+            barrier(info)
+
+        try:
+            summary = run_stage(stage, spec, params, make_loss_fn(stage, spec, student, teacher, taps), batches, info,
+                                logger, save, recipe.train.checkpoint_every, autocast, stage_resume,
+                                STAGE_NAMES[stage])
+        finally:
+            if taps is not None:
+                taps.remove()
+        student.eval()
+        summary["name"] = STAGE_NAMES[stage]
+        summary["seq_len"] = spec.seq_len
+        summaries.append(summary)
+        if info.is_main and windows is not None and job.evaluate:
+            evals[f"stage{stage}"] = _quality(teacher, student, windows, info)
+        model_state = _full_state_dict(student, info)
+        if info.is_main:
+            ckpt.save({"stage": stage + 1, "stage_state": None, "model": model_state, "summaries": summaries,
+                       "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
+                       "lora": lora_rank or (resume or {}).get("lora", 0)}, tag=f"stage{stage}-done")
+        barrier(info)
+
+    report: dict[str, Any] = {}
+    if info.is_main:
+        final_state = _full_state_dict(student, info) if info.enabled else None
+        export_model = student
+        if info.enabled:
+            export_model = convert_teacher(load_teacher(job.teacher), mixer=recipe.student.mixer,
+                                           attention_layers=recipe.student.attention_layers,
+                                           window_size=recipe.student.window_size, num_sinks=recipe.student.num_sinks)
+            unshare_from_teacher(export_model, teacher)
+            if lora:
+                add_mlp_lora(export_model, max(recipe.stage(s).lora_rank for s in training if s >= 3))
+            export_model.load_state_dict(final_state)
+        if any("lora_" in n for n, _ in export_model.named_parameters()):
+            merge_lora(export_model)
+        quality = evals.get(f"stage{training[-1]}" if training else "stage0")
+        report = {
+            "teacher": str(job.teacher), "out": str(job.out), "recipe": recipe.to_dict(),
+            "stages": summaries, "quality": quality, "quality_by_stage": evals,
+            "data": {"train_tokens": int(len(cache.train)) if cache is not None else 0,
+                     "heldout_tokens": int(len(cache.heldout)) if cache is not None else 0,
+                     "eval_windows": int(windows.shape[0]) if windows is not None else 0,
+                     "eval_seq_len": recipe.data.eval_seq_len},
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+        md = render_report_md(report)
+        save_student(export_model, tokenizer, job.out, extra_files={"report.json": report, "report.md": md})
+        atomic_write_json(run_dir / "report.json", report)
+        atomic_write_bytes(run_dir / "report.md", md.encode())
+    barrier(info)
+    return report
+
+
+def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo
+             ) -> dict[str, Any]:
+    from qwerky.eval.quality import compare_models
+
+    was_training = student.training
+    student.eval()
+    baseline = convert_teacher(teacher, mixer="window") if not info.enabled else None
+    with torch.no_grad():
+        result = compare_models(teacher, student, windows.to(info.device), baseline=baseline)
+    student.train(was_training)
+    return result
+
+
+def render_report_md(report: dict[str, Any]) -> str:
+    """A short markdown report: quality table (teacher, student, window baseline) and per-stage costs."""
+    lines = ["# qwerky conversion report", "", f"Teacher: `{report['teacher']}`  ", f"Student: `{report['out']}`  ",
+             f"Wall time: {report['wall_s']} s", ""]
+    q = report.get("quality")
+    if q:
+        lines += ["## Held-out quality", "", "| model | perplexity | ppl / teacher | KL(teacher‖model) | top-1 agreement |",
+                  "|---|---|---|---|---|"]
+        t_ppl = q.get("teacher", {}).get("ppl")
+        for name in ("teacher", "student", "baseline"):
+            m = q.get(name)
+            if not m:
+                continue
+            ratio = m["ppl"] / t_ppl if t_ppl else float("nan")
+            kl = m.get("kl")
+            agree = m.get("top1_agreement")
+            label = {"baseline": "window baseline (64 + 4 sinks)"}.get(name, name)
+            lines.append(f"| {label} | {m['ppl']:.3f} | {ratio:.3f} | "
+                         f"{'-' if kl is None else f'{kl:.4f}'} | {'-' if agree is None else f'{agree:.1%}'} |")
+        lines.append("")
+    by_stage = report.get("quality_by_stage") or {}
+    if by_stage:
+        lines += ["## What each stage bought", "", "| after | student ppl / teacher | KL | top-1 agreement |",
+                  "|---|---|---|---|"]
+        for key, q in by_stage.items():
+            s, t = q.get("student", {}), q.get("teacher", {})
+            ratio = s.get("ppl", float("nan")) / t.get("ppl", float("nan"))
+            lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | "
+                         f"{s.get('top1_agreement', float('nan')):.1%} |")
+        lines.append("")
+    if report.get("stages"):
+        lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | final loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in report["stages"]:
+            lines.append(f"| {s['stage']} | {s['name']} | {s['tokens']:,} | {s['seq_len']} | {s['wall_s']} | "
+                         f"{s['tokens_per_s']:,.0f} | {s['final_loss']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
