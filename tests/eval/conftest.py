@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("_qwerky_tests_root", Path(__file__).resolve().parents[1] / "conftest.py")
+_ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+_spec = importlib.util.spec_from_file_location("_qwerky_tests_root", _ROOT_CONFTEST)
 root = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(root)
 tiny_teacher = root.tiny_teacher

@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from qwerky.eval.quality import compare_models, loss_by_position, position_buckets, position_losses
 
