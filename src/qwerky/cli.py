@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heldout", nargs="*", default=[], help="held-out text for evaluation (default: a split of --data)")
     c.add_argument("--recipe", default="default", help="built-in recipe name (default, published) or a YAML path")
     c.add_argument("--stages", type=_stages, default=[1, 2, 3, 4], help="0 = weight transfer only; default 1,2,3,4")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. stage2.tokens=2e5")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. stage2.tokens=2e5")
     c.add_argument("--mixer", choices=["rwkv7", "rwkv6", "window"], help="student mixer (recipe student.mixer)")
     c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
     c.add_argument("--run-dir", help="checkpoints, logs and reports (default: OUT.run)")

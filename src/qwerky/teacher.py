@@ -23,7 +23,8 @@ def check_model_dir(path: str | Path, what: str = "teacher") -> Path:
     try:
         json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as err:
-        raise QwerkyError(f"{what} config {p / 'config.json'} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        raise QwerkyError(f"{what} config {p / 'config.json'} is not valid JSON: {err.msg} "
+                          f"at line {err.lineno}") from None
     return p
 
 

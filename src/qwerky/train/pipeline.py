@@ -206,7 +206,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         taps = TeacherTaps(teacher) if stage == 1 else None
         stage_resume = resume["stage_state"] if resume is not None and resume.get("stage") == stage else None
 
-        def save(payload: dict[str, Any], stage: int = stage) -> None:
+        def save(payload: dict[str, Any], stage: int = stage, unshared_all: bool = unshared_all,
+                 lora_rank: int = lora_rank) -> None:
             model_state = _full_state_dict(student, info)
             if info.is_main:
                 ckpt.save({"stage": stage, "stage_state": payload, "model": model_state, "summaries": summaries,
@@ -286,7 +287,8 @@ def render_report_md(report: dict[str, Any]) -> str:
              f"Wall time: {report['wall_s']} s", ""]
     q = report.get("quality")
     if q:
-        lines += ["## Held-out quality", "", "| model | perplexity | ppl / teacher | KL(teacher‖model) | top-1 agreement |",
+        lines += ["## Held-out quality", "",
+                  "| model | perplexity | ppl / teacher | KL(teacher‖model) | top-1 agreement |",
                   "|---|---|---|---|---|"]
         t_ppl = q.get("teacher", {}).get("ppl")
         for name in ("teacher", "student", "baseline"):
@@ -295,7 +297,7 @@ def render_report_md(report: dict[str, Any]) -> str:
                 continue
             ratio = m["ppl"] / t_ppl if t_ppl else float("nan")
             kl = m.get("kl")
-            agree = m.get("top1_agreement")
+            agree = m.get("top1")
             label = {"baseline": "window baseline (64 + 4 sinks)"}.get(name, name)
             lines.append(f"| {label} | {m['ppl']:.3f} | {ratio:.3f} | "
                          f"{'-' if kl is None else f'{kl:.4f}'} | {'-' if agree is None else f'{agree:.1%}'} |")
@@ -308,7 +310,7 @@ def render_report_md(report: dict[str, Any]) -> str:
             s, t = q.get("student", {}), q.get("teacher", {})
             ratio = s.get("ppl", float("nan")) / t.get("ppl", float("nan"))
             lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | "
-                         f"{s.get('top1_agreement', float('nan')):.1%} |")
+                         f"{s.get('top1', float('nan')):.1%} |")
         lines.append("")
     if report.get("stages"):
         lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | final loss |",

@@ -92,7 +92,8 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
             taps.records.clear()
             with torch.no_grad():
                 t_base(input_ids=ids, use_cache=False)
-            student.ctx.state, student.ctx.positions, student.ctx.token_mask, student.ctx.v_first = None, None, None, None
+            ctx = student.ctx
+            ctx.state, ctx.positions, ctx.token_mask, ctx.v_first = None, None, None, None
             total = 0.0
             for m in mixers:  # layer order: layer 0 sets the value-residual source first
                 hidden, rope, target = taps.records[m.layer_idx]
