@@ -309,7 +309,8 @@ class _EngineBase:
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
-            waiting, active = len(self._waiting), len(self._active)
+            waiting = len(self._waiting)
+            active = sum(1 for r in list(self._active) if not r.finished)  # rows already done leave next step
         out: dict[str, Any] = {"kind": self.kind, "waiting": waiting, "active": active,
                                "max_concurrent": self.max_concurrent, **self.counters,
                                "state_bytes": self.state_bytes, "peak_state_bytes": self.peak_state_bytes,
