@@ -10,8 +10,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import qwerky.eval.lm_eval_adapter  # noqa: F401  (registers model type "qwerky")
     from lm_eval.__main__ import cli_evaluate
+
+    import qwerky.eval.lm_eval_adapter  # noqa: F401  (registers model type "qwerky")
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

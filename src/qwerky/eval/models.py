@@ -210,3 +210,52 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     elif isinstance(value, (list, tuple)):
         ids.update(int(v) for v in value)
     return sorted(ids)
+
+
+@torch.no_grad()
+def greedy_generate_many(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                         eos_token_ids: Sequence[int] = (), batch_size: int = 8,
+                         prefill_chunk: int = 2048) -> list[list[int]]:
+    """Greedy decoding of several prompts.
+
+    Recurrent models decode `batch_size` prompts together: prompts are left-padded with the padding
+    masked (it never enters the state; every row keeps its own position), then each step feeds one real
+    token per row, so no padding is involved after the prefill. HF models decode one prompt at a time
+    with their KV cache (no padding at all).
+    """
+    if not is_recurrent(model) or batch_size <= 1:
+        return [greedy_generate(model, p, max_new_tokens, eos_token_ids=eos_token_ids, prefill_chunk=prefill_chunk)
+                for p in prompts]
+    device = model_device(model)
+    eos = set(int(e) for e in eos_token_ids)
+    results: list[list[int]] = []
+    for b0 in range(0, len(prompts), batch_size):
+        batch = [list(p) for p in prompts[b0:b0 + batch_size]]
+        if any(not p for p in batch):
+            raise ValueError("greedy_generate_many needs non-empty prompts")
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        state = model.init_state(len(batch))
+        hidden = head = None
+        for s in range(0, width, prefill_chunk):
+            m = mask[:, s:s + prefill_chunk]
+            hidden, head, _ = hidden_states(model, ids[:, s:s + prefill_chunk], state=state,
+                                            attention_mask=None if bool(m.all()) else m)
+        assert hidden is not None and head is not None
+        outs: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        for step in range(max_new_tokens):
+            tokens = head_logits(model, head, hidden[:, -1]).argmax(-1)
+            for r, tok in enumerate(tokens.tolist()):
+                if done[r]:
+                    continue
+                if tok in eos:
+                    done[r] = True
+                else:
+                    outs[r].append(tok)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            hidden, head, _ = hidden_states(model, tokens[:, None], state=state)
+        results.extend(outs)
+    return results
