@@ -30,9 +30,13 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_all(args: argparse.Namespace, need_teacher: bool) -> tuple[Any, Any, Any, Any]:
-    """(model, teacher or None, baseline or None, tokenizer); the baseline is converted from the teacher."""
-    from .models import is_qwerky_dir, load_model, load_tokenizer
+def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: bool) -> tuple[Any, Any, Any, Any]:
+    """(model, teacher or None, baseline or None, tokenizer); the baseline is converted from the teacher.
+
+    The tokenizer is the teacher's when `teacher_tokenizer` (eval data), else the model's own (long-context
+    prompts are sized in the model's tokens), falling back to the other folder when one has none.
+    """
+    from .models import load_model, load_tokenizer
 
     device = _device(args.device)
     model = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -41,13 +45,16 @@ def _load_all(args: argparse.Namespace, need_teacher: bool) -> tuple[Any, Any, A
         teacher = load_model(args.teacher, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     elif need_teacher:
         raise ValueError("--teacher is required")
-    tok_path = args.teacher if (args.teacher and not is_qwerky_dir(args.model)) else args.model
-    try:
-        tokenizer = load_tokenizer(tok_path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError):
-        if not args.teacher:
-            raise
-        tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    paths = [args.teacher, args.model] if teacher_tokenizer else [args.model, args.teacher]
+    paths = [p for p in paths if p]
+    tokenizer = None
+    for i, path in enumerate(paths):
+        try:
+            tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+            break
+        except (OSError, ValueError):
+            if i == len(paths) - 1:
+                raise
     baseline = None
     if teacher is not None and not args.no_baseline:
         from qwerky.surgery import convert_teacher
@@ -83,7 +90,7 @@ def eval_main(args: argparse.Namespace) -> int:
     from .quality import evaluate_quality, format_position_table, format_quality_table
 
     try:
-        model, teacher, baseline, tokenizer = _load_all(args, need_teacher=True)
+        model, teacher, baseline, tokenizer = _load_all(args, need_teacher=True, teacher_tokenizer=True)
         result = evaluate_quality(model, teacher, tokenizer, args.data, seq_len=args.seq_len, max_docs=args.max_docs,
                                   max_windows=args.max_windows, position_max=args.position_max,
                                   segment=args.segment, batch_size=args.batch_size, baseline=baseline)
@@ -139,7 +146,7 @@ def longctx_main(args: argparse.Namespace) -> int:
     from .longctx.runner import format_table, plot_heatmaps, run_longctx
 
     try:
-        model, teacher, baseline, tokenizer = _load_all(args, need_teacher=False)
+        model, teacher, baseline, tokenizer = _load_all(args, need_teacher=False, teacher_tokenizer=False)
         models = {"teacher": teacher, "student": model, "baseline": baseline}
         if teacher is None:
             print("no --teacher: teacher and window baseline are not run", file=sys.stderr)
