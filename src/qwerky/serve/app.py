@@ -469,7 +469,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "auto") -> tu
         model = load_student(path, device=device, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # never prompt for remote code: a qwerky folder's auto_map is for the model, the tokenizer is a plain one
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return model, tokenizer
 
 
