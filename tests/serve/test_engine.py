@@ -160,3 +160,26 @@ def test_state_memory_per_sequence_is_constant_in_context_length() -> None:
     layers, kv_heads, head_dim = 2, 2, 16
     for n in (512, 4096):  # 2 x layers x T x kv_heads x head_dim x 4 bytes, T = prompt + 1 decoded token
         assert per_seq[("teacher", n)] == 2 * layers * (n + 1) * kv_heads * head_dim * 4
+
+
+def test_tiny_temperature_is_greedy(student) -> None:
+    prompt = _prompts([10])[0]
+    with StudentEngine(student, TOK, max_concurrent=2, eos_token_ids=[]) as engine:
+        greedy = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0), timeout=60)
+        tiny = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=1e-9, seed=1), timeout=60)
+    assert tiny.finish_reason == "length" and tiny.output_ids == greedy.output_ids
+
+
+def test_cli_hooks_parse_the_documented_arguments() -> None:
+    import argparse
+
+    from qwerky.serve import add_serve_arguments, serve_main
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["some/dir"])
+    assert (args.model, args.host, args.port, args.max_concurrent) == ("some/dir", "127.0.0.1", 8000, 16)
+    assert args.prefix_cache_mb == 256 and args.max_prompt_tokens == 32768
+    args = parser.parse_args(["d", "--port", "9", "--max-concurrent", "3", "--max-prompt-tokens", "100"])
+    assert (args.port, args.max_concurrent, args.max_prompt_tokens) == (9, 3, 100)
+    assert callable(serve_main)

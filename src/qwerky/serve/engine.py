@@ -432,7 +432,7 @@ class _EngineBase:
         greedy = logits.argmax(dim=-1).tolist()
         out = []
         for i, r in enumerate(rows):
-            out.append(greedy[i] if r.params.temperature == 0 else self._sample(r, logits[i:i + 1])[0])
+            out.append(greedy[i] if _is_greedy(r.params) else self._sample(r, logits[i:i + 1])[0])
         return out
 
     @staticmethod
@@ -440,7 +440,7 @@ class _EngineBase:
         """Sample from logits [1, V] with the request's temperature, top-k, top-p and generator."""
         p = req.params
         logits = logits.float()
-        if p.temperature == 0:
+        if _is_greedy(p):
             return logits.argmax(dim=-1).tolist()
         scores = logits / p.temperature
         if p.top_k > 0 and p.top_k < scores.shape[-1]:
@@ -650,6 +650,11 @@ class TeacherEngine(_EngineBase):
 
 class QueueFull(RuntimeError):
     """More requests waiting than `max_waiting`."""
+
+
+def _is_greedy(p: SamplingParams) -> bool:
+    """temperature 0 (or so small that logits / temperature would overflow) or top_k 1 mean argmax."""
+    return p.temperature < 1e-5 or p.top_k == 1
 
 
 def kv_cache_bytes(cache: Any) -> int:
