@@ -1,0 +1,299 @@
+"""Train the small Qwen2-architecture teacher that ships with qwerky (``qwerky demo`` converts it).
+
+Steps, all deterministic from ``--seed``:
+
+1. train a byte-level BPE tokenizer (``tokenizers``) on the training documents;
+2. tokenise every document, append ``<|endoftext|>``, concatenate and pack into fixed-length sequences;
+3. pre-train a ``transformers.Qwen2ForCausalLM`` (GQA, RoPE, q/k/v biases, tied embeddings) from scratch
+   with AdamW and a warm-up + cosine schedule, in fp32 on the CPU;
+4. report held-out perplexity and save model, tokenizer and ``training.json`` into ``--out``.
+
+Run from the repository root (the defaults assume ``../shared/data`` beside the repo)::
+
+    python scripts/train_teacher.py --measure-steps 5     # throughput only, saves nothing
+    python scripts/train_teacher.py                       # 240 steps, deterministic from --seed
+
+The shipped teacher was made with ``--time-budget 1260`` on a shared CPU: the cap stopped it after
+233 of the 240 scheduled steps (see ``training.json``). To redo that run without a wall-clock cap
+use ``--steps 240 --stop-at-step 233`` (same seed, one thread; not re-verified bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", type=Path, default=DEFAULT_DATA / "python-docs-train.jsonl.gz")
+    p.add_argument("--validation", type=Path, default=DEFAULT_DATA / "python-docs-validation.jsonl.gz")
+    p.add_argument("--out", type=Path, default=REPO / "src" / "qwerky" / "assets" / "teacher")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (share the machine)")
+    # tokenizer
+    p.add_argument("--vocab-size", type=int, default=4096)
+    # model
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=768)
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--max-position-embeddings", type=int, default=8192)
+    # optimisation
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=240, help="optimizer steps (sets the cosine schedule)")
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument(
+        "--time-budget", type=float, default=0.0,
+        help="optional safety cap in seconds (0 = none); stopping early makes the run non-deterministic",
+    )
+    p.add_argument(
+        "--stop-at-step", type=int, default=0,
+        help="if > 0: stop after this many steps while keeping the --steps schedule (deterministic)",
+    )
+    p.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens to score (0 = all)")
+    p.add_argument(
+        "--measure-steps", type=int, default=0,
+        help="if > 0: time this many training steps, print tokens/s and exit without saving",
+    )
+    return p.parse_args(argv)
+
+
+def read_documents(path: Path) -> list[str]:
+    """Texts of a ``{"id": ..., "text": ...}`` JSON-lines file (optionally gzipped), in file order."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2/Qwen style) with the ChatML special tokens, as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=8192,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenise, end every document with eos, concatenate and cut into ``[N, seq_len]`` (tail dropped)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def build_model(args: argparse.Namespace, tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    eos = tokenizer.eos_token_id
+    config = Qwen2Config(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.bos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    return model
+
+
+def batches(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs over the packed rows, each epoch in a fresh seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(data), generator=gen)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield data[order[i : i + batch_size]]
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); no weight decay on biases, norms and the (tied) embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim == 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
+    """Mean next-token loss over the rows of ``data`` and the number of scored tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        x = data[i : i + batch_size]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += x[:, 1:].numel()
+    model.train()
+    return total / count, count
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    t0 = time.perf_counter()
+    train_texts = read_documents(args.train)
+    val_texts = read_documents(args.validation)
+    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    train = pack(train_texts, tokenizer, args.seq_len)
+    val = pack(val_texts, tokenizer, args.seq_len)
+    if args.eval_tokens > 0:
+        val = val[: max(1, args.eval_tokens // args.seq_len)]
+    print(
+        f"{len(train_texts)} train / {len(val_texts)} validation documents; "
+        f"{train.numel():,} / {val.numel():,} packed tokens; tokenizer {time.perf_counter() - t0:.1f}s"
+    )
+
+    model = build_model(args, tokenizer)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Qwen2ForCausalLM: {n_params:,} parameters")
+    optimizer = make_optimizer(model, args)
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.measure_steps or args.steps
+
+    data = batches(train, args.batch_size, args.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="train", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        x = next(data)
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * tokens_per_step / elapsed:.0f}")
+        if args.stop_at_step and step + 1 >= args.stop_at_step:
+            break
+        if args.time_budget and elapsed > args.time_budget:
+            print(f"time budget reached after {step + 1} steps")
+            break
+    train_time = time.perf_counter() - start
+    steps_done = len(losses)
+    tokens_seen = steps_done * tokens_per_step
+    print(f"{tokens_seen:,} tokens in {train_time:.0f}s ({tokens_seen / train_time:.0f} tokens/s)")
+    if args.measure_steps:
+        return
+
+    final_train_loss = float(np.mean(losses[-20:]))
+    val_loss, val_count = evaluate(model, val)
+    val_ppl = math.exp(val_loss)
+    print(f"final train loss {final_train_loss:.4f}; held-out loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    summary = {
+        "script": "scripts/train_teacher.py",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                 if k not in ("train", "validation", "out")},
+        "data": {"train": args.train.name, "validation": args.validation.name,
+                 "train_documents": len(train_texts), "validation_documents": len(val_texts),
+                 "train_packed_tokens": train.numel(), "validation_scored_tokens": val_count},
+        "model_config": model.config.to_dict(),
+        "parameters": n_params,
+        "steps": steps_done,
+        "tokens_seen": tokens_seen,
+        "epochs": tokens_seen / train.numel(),
+        "train_wall_time_s": round(train_time, 1),
+        "total_wall_time_s": round(time.perf_counter() - t0, 1),
+        "final_train_loss": round(final_train_loss, 4),
+        "heldout_loss": round(val_loss, 4),
+        "heldout_perplexity": round(val_ppl, 3),
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+    (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
