@@ -89,31 +89,33 @@ def chunk_rwkv6_torch(
     N = (T + pad) // C
     r_, k_, v_, w_ = (x.reshape(B, H, N, C, x.shape[-1]) for x in xs)
     uf = u.float()[None, :, None, None, :]  # (1, H, 1, 1, K)
+    diag = (r_ * uf * k_).sum(-1, keepdim=True)  # bonus term on the current token
+    M = B * H * N  # every chunk of every head is one matrix of a batched matmul
+    r_, k_, v_, w_, diag = (x.reshape(M, C, x.shape[-1]) for x in (r_, k_, v_, w_, diag))
 
     c = w_.cumsum(dim=-2)  # inclusive
     c_prev = c - w_
-    c_last = c[..., -1:, :]
-    ref = c[..., C // 2: C // 2 + 1, :]
+    c_last = c[:, -1:]
+    ref = c[:, C // 2: C // 2 + 1]
     rq = r_ * (c_prev - ref).exp()  # r_t gamma_{t-1} (relative to ref)
     kq = k_ * (ref - c).exp()  # k_j / gamma_j (relative to ref)
-    strict = torch.tril(torch.ones(C, C, dtype=torch.bool, device=r.device), -1)
-    A = (rq @ kq.transpose(-1, -2)).masked_fill(~strict, 0.0)  # (B, H, N, C, C)
-    diag = (r_ * uf * k_).sum(-1, keepdim=True)  # bonus term on the current token
-    intra = A @ v_ + diag * v_
+    A = torch.bmm(rq, kq.transpose(-1, -2)).tril_(-1)  # (M, C, C); masked in place on a fresh output
+    intra = torch.baddbmm(diag * v_, A, v_)
     r_state = r_ * c_prev.exp()  # r_t gamma_{t-1}, bounded by 1
     k_end = k_ * (c_last - c).exp()
-    En = k_end.transpose(-1, -2) @ v_  # (B, H, N, K, V)
-    decay_end = c_last.squeeze(-2).exp()[..., None]  # (B, H, N, K, 1)
+    En = torch.bmm(k_end.transpose(-1, -2), v_)  # (M, K, V)
+    decay_end = c_last.exp().transpose(-1, -2)  # (M, K, 1)
 
-    S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    S = r_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
-    for n in range(N):
+    # unbind: backward stacks N gradients once (indexing En[:, n] would zero-fill a full En per chunk)
+    for d_n, En_n in zip(decay_end.view(B * H, N, K, 1).unbind(1), En.view(B * H, N, K, V).unbind(1)):
         starts.append(S)
-        S = decay_end[:, :, n] * S + En[:, :, n]
-    S0 = torch.stack(starts, dim=2)
-    o = (r_state @ S0 + intra) * scale
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
-    return o, (S if output_final_state else None)
+        S = torch.addcmul(En_n, d_n, S)
+    S0 = torch.stack(starts, dim=1).view(M, K, V)
+    o = torch.baddbmm(intra, r_state, S0, beta=scale, alpha=scale)  # scale * (r_state S_0 + intra)
+    o = o.view(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    return o, (S.view(B, H, K, V) if output_final_state else None)
 
 
 _FLA: dict[str, object] | None = None

@@ -99,44 +99,46 @@ def chunk_rwkv7_torch(
     if pad:  # padded steps: no decay, no input -> the state passes through unchanged
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
     N = (T + pad) // C
-    r_, w_, k_, v_, a_, b_ = (x.reshape(B, H, N, C, x.shape[-1]) for x in xs)
+    M = B * H * N  # every chunk of every head is one matrix of a batched matmul
+    r_, w_, k_, v_, a_, b_ = (x.reshape(M, C, x.shape[-1]) for x in xs)
 
-    c = w_.cumsum(dim=-2)  # inclusive log-decay (B, H, N, C, K)
-    c_prev = c - w_
-    c_last = c[..., -1:, :]
-    ag = a_ * c_prev.exp()  # a_j gamma_{j-1}
-    b_inv = b_ * (-c).exp()  # b_i / gamma_i
-    k_inv = k_ * (-c).exp()
+    c = w_.cumsum(dim=-2)  # inclusive log-decay (M, C, K)
+    g_inv = (-c).exp()  # 1 / gamma_i
+    g_last = c[:, -1:].exp()  # gamma_C, (M, 1, K)
+    ag = a_ * (c - w_).exp()  # a_j gamma_{j-1}
     rg = r_ * c.exp()  # r_t gamma_t
-    b_end = b_ * (c_last - c).exp()  # b_j gamma_C / gamma_j
-    k_end = k_ * (c_last - c).exp()
+    b_inv = b_ * g_inv  # b_i / gamma_i
+    k_inv = k_ * g_inv
+    b_invT, k_invT = b_inv.transpose(-1, -2), k_inv.transpose(-1, -2)
+    b_endT = (b_inv * g_last).transpose(-1, -2)  # (b_j gamma_C / gamma_j)^T, (M, K, C)
+    k_endT = (k_inv * g_last).transpose(-1, -2)
 
-    ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
-    strict = torch.tril(ones, -1)
-    incl = torch.tril(ones)
-    A_ab = (ag @ b_inv.transpose(-1, -2)).masked_fill(~strict, 0.0)
-    A_ak = (ag @ k_inv.transpose(-1, -2)).masked_fill(~strict, 0.0)
-    P_b = (rg @ b_inv.transpose(-1, -2)).masked_fill(~incl, 0.0)
-    P_k = (rg @ k_inv.transpose(-1, -2)).masked_fill(~incl, 0.0)
-
-    L = torch.eye(C, dtype=r_.dtype, device=r.device) - A_ab
-    rhs = torch.cat([ag, A_ak @ v_], dim=-1)  # solve both right-hand sides at once
+    # solve_triangular(unitriangular=True) reads only the strict lower part of L = I - A_ab, so -A_ab
+    # stands in for L (no eye, no mask). The other masks act in place on fresh matmul outputs.
+    L = torch.baddbmm(ag.new_zeros(()), ag, b_invT, beta=0.0, alpha=-1.0)
+    A_ak = torch.bmm(ag, k_invT).tril_(-1)
+    P_b = torch.bmm(rg, b_invT).tril_()
+    P_k = torch.bmm(rg, k_invT).tril_()
+    rhs = torch.cat([ag, torch.bmm(A_ak, v_)], dim=-1)  # solve both right-hand sides at once
     sol = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    M1, M2 = sol[..., :K], sol[..., K:]  # u = M1 S_0 + M2
-    # chunk transition: S_end = T_n S_0 + E_n
-    Tn = torch.diag_embed(c_last.squeeze(-2).exp()) + b_end.transpose(-1, -2) @ M1  # (B, H, N, K, K)
-    En = b_end.transpose(-1, -2) @ M2 + k_end.transpose(-1, -2) @ v_  # (B, H, N, K, V)
+    M1, M2 = sol.split([K, V], dim=-1)  # u = M1 S_0 + M2 (split, not slicing: no zero-filled grads)
+    Q = torch.baddbmm(rg, P_b, M1)  # o = Q S_0 + R
+    R = torch.baddbmm(torch.bmm(P_k, v_), P_b, M2)
+    # chunk transition: S_end = T_n S_0 + E_n, T_n = diag(gamma_C) + b_end^T M1
+    Tn = torch.bmm(b_endT, M1)
+    Tn.diagonal(dim1=-2, dim2=-1).add_(g_last.squeeze(-2))
+    En = torch.baddbmm(torch.bmm(k_endT, v_), b_endT, M2)
 
-    S = r_.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    S = r_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
-    for Tn_n, En_n in zip(Tn.unbind(2), En.unbind(2)):  # unbind: one gradient stack, not N zero-filled
+    # unbind: backward stacks N gradients once (indexing Tn[:, n] would zero-fill a full Tn per chunk)
+    for Tn_n, En_n in zip(Tn.view(B * H, N, K, K).unbind(1), En.view(B * H, N, K, V).unbind(1)):
         starts.append(S)
-        S = Tn_n @ S + En_n
-    S0 = torch.stack(starts, dim=2)  # (B, H, N, K, V)
-    U = M1 @ S0 + M2
-    o = (rg @ S0 + P_b @ U + P_k @ v_) * scale  # (B, H, N, C, V)
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
-    return o, (S if output_final_state else None)
+        S = torch.baddbmm(En_n, Tn_n, S)
+    S0 = torch.stack(starts, dim=1).view(M, K, V)
+    o = torch.baddbmm(R, Q, S0, beta=scale, alpha=scale)  # scale * (Q S_0 + R), (M, C, V)
+    o = o.view(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype)
+    return o, (S.view(B, H, K, V) if output_final_state else None)
 
 
 _FLA: dict[str, object] | None = None
