@@ -61,7 +61,7 @@ class RWKV6Mixer(nn.Module):
                 "shift": torch.zeros(batch_size, C, dtype=self.shift_base.dtype, device=device)}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
@@ -97,4 +97,4 @@ class RWKV6Mixer(nn.Module):
         if layer_state is not None:
             layer_state["S"] = s
         y = y.reshape(B, T, H * D) * (2 * torch.sigmoid(self.gate(xg)))
-        return self.output(y), None
+        return self.ctx.emit(self.layer_idx, self.output(y))

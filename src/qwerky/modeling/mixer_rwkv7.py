@@ -37,9 +37,25 @@ class ForwardContext:
         self.positions: torch.Tensor | None = None  # [B, T] absolute positions, -1 = padding
         self.v_first: torch.Tensor | None = None  # layer-0 values for the value residual
         self.backend: str = "auto"
+        # stage 1 (attention alignment): the teacher's attention outputs per layer; when set, each mixer
+        # records (its output, the target) and hands the target on, so every layer sees the teacher's stream
+        self.align_targets: dict[int, torch.Tensor] | None = None
+        self.align_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
         return None if self.state is None else self.state.layers[layer_idx]
+
+    def emit(self, layer_idx: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a mixer returns to its decoder layer: (stream tensor, extra) like HF's (output, weights).
+
+        In stage 1 the stream gets the teacher's output and the mixer's own output rides in the second
+        slot, which decoder layers discard; returning it keeps it a module output, so FSDP2's backward
+        hooks see it."""
+        if self.align_targets is None:
+            return output, None
+        target = self.align_targets[layer_idx]
+        self.align_pairs.append((output, target))
+        return target, output
 
 
 class RWKV7Mixer(nn.Module):
@@ -128,10 +144,10 @@ class RWKV7Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         B, T, _ = x.shape
         r, k, v = self._project(x, position_embeddings)
         y = self._recurrent(x, r, k, v, self.ctx.layer_state(self.layer_idx))
         y = y.reshape(B, T, -1) * (1 + self.gate_lora(x))
-        return self.output(y), None
+        return self.ctx.emit(self.layer_idx, self.output(y))

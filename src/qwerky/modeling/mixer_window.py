@@ -52,7 +52,7 @@ class WindowMixer(RWKV7Mixer):
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         B, T, _ = x.shape
         r, k, v = self._project(x, position_embeddings)
@@ -64,7 +64,7 @@ class WindowMixer(RWKV7Mixer):
         y = y.reshape(B, T, -1)
         branch = self._recurrent(x, r, k, v, layer_state, value_residual=False).reshape(B, T, -1)
         y = y + self.branch_gate.to(y.dtype) * branch * (1 + self.gate_lora(x))
-        return self.output(y), None
+        return self.ctx.emit(self.layer_idx, self.output(y))
 
 
 class AttentionMixer(nn.Module):
@@ -90,7 +90,7 @@ class AttentionMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         B, T, _ = x.shape
         q = head_norm(self.q_norm, self.q_proj(x).view(B, T, self.num_heads, self.head_dim))

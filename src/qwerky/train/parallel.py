@@ -1,7 +1,7 @@
 """Scale-out on PyTorch's own engine: torchrun + FSDP2 (`fully_shard`), applied by functions.
 
-The model code is single-device; `init_distributed` reads torchrun's environment and `shard_model`
-shards each mixer, each decoder layer and the root (mixers get their own unit so stage 1 can call them
+The model code is single-device; `init_distributed` reads torchrun's environment and `shard_teacher` /
+`shard_student` apply `fully_shard` unit by unit (mixers get their own unit so stage 1 can call them
 directly). NCCL on CUDA, gloo on CPU (so a 2-process test runs anywhere).
 """
 
@@ -45,15 +45,44 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def shard_model(model: nn.Module, mixers: list[nn.Module], layers: nn.ModuleList, reshard: bool = True) -> None:
-    """FSDP2: one unit per mixer, one per decoder layer, then the root."""
+def _shard_units(base: nn.Module, layers: nn.ModuleList, embed: nn.Module, head: nn.Module,
+                 extra_units: list[nn.Module], mp_policy: object | None, reshard: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    for m in mixers:
-        fully_shard(m, reshard_after_forward=reshard)
+    kwargs = {"reshard_after_forward": reshard}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for m in extra_units:
+        fully_shard(m, **kwargs)
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
+        fully_shard(layer, **kwargs)
+    if head.weight is embed.weight:  # tied: one unit holds the shared weight
+        fully_shard([embed, head], **kwargs)
+    else:
+        fully_shard(embed, **kwargs)
+        fully_shard(head, **kwargs)
+    fully_shard(base, **kwargs)
+
+
+def shard_teacher(teacher: nn.Module, layers: nn.ModuleList, reshard: bool = True) -> None:
+    """FSDP2 units: each decoder layer, the embedding/head, then the base model (its norm)."""
+    base = getattr(teacher, teacher.base_model_prefix)
+    _shard_units(base, layers, teacher.get_input_embeddings(), teacher.get_output_embeddings(), [], None, reshard)
+
+
+def shard_student(student: nn.Module, layers: nn.ModuleList, bf16: bool = False, reshard: bool = True) -> None:
+    """FSDP2 units: each mixer (stage 1 calls them directly), each decoder layer, embedding/head, base model.
+
+    Every unit is called through its own forward (the loss code calls the base model and the head
+    separately), so each one gathers its parameters when used and reduce-scatters its gradients.
+    """
+    policy = None
+    if bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    _shard_units(student.model, layers, student.get_input_embeddings(), student.lm_head, list(student.mixers),
+                 policy, reshard)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -25,7 +25,7 @@ from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_toke
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
 from .loop import JsonlLog, run_stage
-from .parallel import DistInfo, barrier, cleanup, init_distributed, shard_model
+from .parallel import DistInfo, barrier, cleanup, init_distributed, shard_student, shard_teacher
 from .recipe import Recipe
 from .stages import STAGE_NAMES, TeacherTaps, add_mlp_lora, make_loss_fn, merge_lora, trainable_parameters
 
@@ -159,14 +159,19 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
     unshared_all = False
 
+    if info.enabled and lora:
+        raise QwerkyError("stage3.lora_rank > 0 is for single-GPU runs; with torchrun/FSDP2 train full weights")
     if info.enabled:
         unshare_from_teacher(student, teacher)
         unshared_all = True
         from qwerky.modeling.modeling_qwerky import find_decoder_layers
 
         t_layers = find_decoder_layers(getattr(teacher, teacher.base_model_prefix), teacher.config.num_hidden_layers)
-        shard_model(teacher, [], t_layers)
-        shard_model(student, student.mixers, find_decoder_layers(student.model, student.config.num_hidden_layers))
+        if info.device.type == "cuda":
+            student.float()  # fp32 master weights; FSDP computes in bf16
+        shard_teacher(teacher, t_layers)
+        shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
+                      bf16=info.device.type == "cuda" and recipe.train.precision != "fp32")
     autocast = _autocast(recipe.train.precision, info.device)
     ac = recipe.train.activation_checkpointing
     if ac == "on" or (ac == "auto" and info.device.type == "cuda"):
@@ -176,6 +181,10 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     if cache is not None and len(cache.heldout) > recipe.data.eval_seq_len:
         windows = heldout_windows(cache.heldout, recipe.data.eval_seq_len, recipe.data.eval_windows)
 
+    if training and not info.enabled and info.device.type == "cuda":
+        unshare_from_teacher(student, teacher)  # the teacher is bf16 on GPU: train fp32 master weights
+        unshared_all = True
+        student.float()
     if resume is not None:
         if resume.get("lora"):
             add_mlp_lora(student, resume["lora"])
@@ -237,8 +246,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         barrier(info)
 
     report: dict[str, Any] = {}
+    final_state = _full_state_dict(student, info) if info.enabled else None  # a collective: every rank
     if info.is_main:
-        final_state = _full_state_dict(student, info) if info.enabled else None
         export_model = student
         if info.enabled:
             export_model = convert_teacher(load_teacher(job.teacher), mixer=recipe.student.mixer,

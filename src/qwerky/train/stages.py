@@ -1,7 +1,8 @@
 """What each distillation stage trains and which loss it minimises.
 
 1: each mixer alone against its own teacher attention output, fed the teacher's input (all layers in
-   one pass, no error accumulates); 2: whole model on teacher logits, mixers only; 3: all layers (or
+   one pass, no error accumulates: each mixer hands the teacher's attention output on down the residual
+   stream, so every layer's input is exactly the teacher's); 2: whole model on teacher logits, mixers only; 3: all layers (or
    mixers + LoRA on the MLPs); 4: all layers at a longer context, KL or plain cross-entropy.
 """
 
@@ -86,20 +87,23 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
 
     if stage == 1:
         assert taps is not None
-        mixers = recurrent_mixers(student)
+        n_mixers = len(recurrent_mixers(student))
 
         def align(ids: torch.Tensor) -> torch.Tensor:
             taps.records.clear()
             with torch.no_grad():
                 t_base(input_ids=ids, use_cache=False)
             ctx = student.ctx
-            ctx.state, ctx.positions, ctx.token_mask, ctx.v_first = None, None, None, None
-            total = 0.0
-            for m in mixers:  # layer order: layer 0 sets the value-residual source first
-                hidden, rope, target = taps.records[m.layer_idx]
-                y, _ = m(hidden, position_embeddings=rope)
-                total = total + alignment_loss(y, target)
-            return total / len(mixers)
+            ctx.align_targets = {i: rec[2] for i, rec in taps.records.items()}
+            ctx.align_pairs = []
+            try:
+                student.hidden_states(ids)  # every layer is fed the teacher's stream (see ForwardContext)
+                pairs = ctx.align_pairs
+            finally:
+                ctx.align_targets, ctx.align_pairs = None, []
+            if len(pairs) != n_mixers:
+                raise RuntimeError(f"stage 1 saw {len(pairs)} mixer outputs, expected {n_mixers}")
+            return sum(alignment_loss(y, target) for y, target in pairs) / n_mixers
         return align
 
     def distill(ids: torch.Tensor) -> torch.Tensor:
