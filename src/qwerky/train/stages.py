@@ -2,8 +2,8 @@
 
 1: each mixer alone against its own teacher attention output, fed the teacher's input (all layers in
    one pass, no error accumulates: each mixer hands the teacher's attention output on down the residual
-   stream, so every layer's input is exactly the teacher's); 2: whole model on teacher logits, mixers only; 3: all layers (or
-   mixers + LoRA on the MLPs); 4: all layers at a longer context, KL or plain cross-entropy.
+   stream, so every layer's input is exactly the teacher's); 2: whole model on teacher logits, mixers only;
+3: all layers (or mixers + LoRA on the MLPs); 4: all layers at a longer context, KL or plain cross-entropy.
 """
 
 from __future__ import annotations
