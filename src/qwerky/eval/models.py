@@ -9,10 +9,9 @@ KV cache) and `greedy_generate`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +85,21 @@ def max_positions(model: nn.Module) -> int | None:
     return int(value) if value else None
 
 
-@contextlib.contextmanager
-def _identity_head(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily replace the LM head by Identity so the forward returns hidden states as 'logits'."""
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(nn.Identity())
-    try:
-        yield head
-    finally:
-        model.set_output_embeddings(head)
+def _base_forward(model: nn.Module, input_ids: torch.Tensor, state: Any = None,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    """Final hidden states [B, T, C] and the updated state/cache, without running the LM head."""
+    if is_recurrent(model):
+        if state is not None:
+            return model.hidden_states(input_ids, attention_mask=attention_mask, state=state), state
+        return model.hidden_states(input_ids, attention_mask=attention_mask), None
+    base = getattr(model, model.base_model_prefix)
+    kwargs: dict[str, Any] = {"use_cache": state is not None}
+    if state is not None:
+        kwargs["past_key_values"] = state
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    out = base(input_ids=input_ids, **kwargs)
+    return out.last_hidden_state, getattr(out, "past_key_values", None)
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, state: Any = None,
@@ -104,25 +109,17 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, state: Any = None,
     The head is applied later by `head_logits` in chunks: for a 150k vocabulary, B x T x V fp32 logits
     of a whole batch would not fit next to the model.
     """
-    kwargs: dict[str, Any] = {}
-    if state is not None:
-        kwargs.update(past_key_values=state, use_cache=True)
-    else:
-        kwargs.update(use_cache=False)
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    with _identity_head(model) as head:
-        out = model(input_ids=input_ids, **kwargs)
-    return out.logits, head, getattr(out, "past_key_values", None)
+    hidden, new_state = _base_forward(model, input_ids, state, attention_mask)
+    return hidden, model.get_output_embeddings(), new_state
 
 
 def head_logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of a slice of hidden states (applies final soft-capping where the family has it)."""
-    logits = head(hidden).float()
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """fp32 logits of a slice of hidden states, with the family's own logit scaling / soft-capping."""
+    from qwerky.modeling.layers_common import finalize_logits
+
+    config = getattr(model, "config", None)
+    config = getattr(config, "teacher_config", None) or config
+    return finalize_logits(config, head(hidden).float())
 
 
 def chunk_len(batch: int, vocab: int, budget_elems: int = 1 << 26, minimum: int = 1) -> int:
@@ -151,14 +148,13 @@ class Stream:
         if ids.dim() == 1:
             ids = ids[None]
         if self.recurrent:
-            hidden, self.head, _ = hidden_states(self.model, ids, state=self.state)
+            hidden, _ = _base_forward(self.model, ids, state=self.state)
         else:
-            kwargs: dict[str, Any] = {"use_cache": True}
-            if self.state is not None:
-                kwargs["past_key_values"] = self.state
-            with _identity_head(self.model) as head:
-                out = self.model(input_ids=ids, **kwargs)
-            hidden, self.head, self.state = out.logits, head, out.past_key_values
+            if self.state is None:
+                from transformers import DynamicCache
+
+                self.state = DynamicCache(config=self.model.config)
+            hidden, self.state = _base_forward(self.model, ids, state=self.state)
         self.position += ids.shape[1]
         return hidden
 

@@ -33,6 +33,7 @@ class QwerkyConfig(PretrainedConfig):
         has_qk_norm: per-head q/k norms exist in the teacher (Qwen3); kept as r/k norms.
         window_size / num_sinks: geometry of the window mixer.
         chunk_size: chunk length of the parallel form.
+        lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
     """
 
@@ -58,6 +59,7 @@ class QwerkyConfig(PretrainedConfig):
         iclr_rank: int | None = None,
         value_rank: int | None = None,
         gate_rank: int | None = None,
+        lm_head_bias: bool = False,
         **kwargs: Any,
     ) -> None:
         if isinstance(teacher_config, dict):
@@ -82,6 +84,7 @@ class QwerkyConfig(PretrainedConfig):
         self.window_size = window_size
         self.num_sinks = num_sinks
         self.chunk_size = chunk_size
+        self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)
         self.iclr_rank = iclr_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)
         self.value_rank = value_rank or (lora_rank(hidden, 0.5, 1.3) if hidden else 32)

@@ -5,8 +5,13 @@ Copied into every exported model folder: imports nothing from qwerky.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -22,6 +27,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def family_rope(attention: nn.Module) -> RopeFn | None:
+    """The teacher family's own `apply_rotary_pos_emb` (interleaved or partial rotary stay exact), if any."""
+    module = inspect.getmodule(type(attention))
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return None
+    params = list(inspect.signature(fn).parameters)
+    return fn if params[:4] == ["q", "k", "cos", "sin"] else None
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+              family_fn: RopeFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply RoPE to q [B, T, H, D] and k [B, T, Hk, D] exactly as the teacher does."""
+    cos, sin = position_embeddings
+    if family_fn is None:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q2, k2 = family_fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # HF layout [B, H, T, D]
+    return q2.transpose(1, 2), k2.transpose(1, 2)
+
+
+def finalize_logits(config: object, logits: torch.Tensor) -> torch.Tensor:
+    """Family-specific logit post-processing of HF heads: Cohere's scale, Granite's divisor, Gemma's softcap."""
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:

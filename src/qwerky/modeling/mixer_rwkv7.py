@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_common import LowRank, apply_rope, head_norm, repeat_heads
+from .layers_common import LowRank, family_rope, head_norm, repeat_heads, rotate_qk
 from .ops_rwkv7 import rwkv7_attention
 
 LOG_DECAY_SCALE = math.exp(-0.5)
@@ -74,6 +74,7 @@ class RWKV7Mixer(nn.Module):
         self.output = getattr(attention, "o_proj", None) or attention.dense
         self.r_norm = getattr(attention, "q_norm", None)
         self.k_norm = getattr(attention, "k_norm", None)
+        self.rope_fn = family_rope(attention)
         self.decay_base = nn.Parameter(torch.linspace(-5.0, 1.0, D).repeat(H))
         self.decay_lora = LowRank(C, config.decay_rank, H * D)
         self.iclr_base = nn.Parameter(torch.zeros(H * D))
@@ -93,8 +94,7 @@ class RWKV7Mixer(nn.Module):
         v = self.value(x).view(B, T, self.num_kv_heads, self.head_dim)
         r, k = head_norm(self.r_norm, r), head_norm(self.k_norm, k)
         if self.use_rope and position_embeddings is not None:
-            cos, sin = position_embeddings
-            r, k = apply_rope(r, cos, sin), apply_rope(k, cos, sin)
+            r, k = rotate_qk(r, k, position_embeddings, self.rope_fn)
         return r, k, v
 
     def _recurrent(self, x: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

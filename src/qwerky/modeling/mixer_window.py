@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers_common import apply_rope, head_norm
+from .layers_common import family_rope, head_norm, rotate_qk
 from .mixer_rwkv7 import ForwardContext, RWKV7Mixer
 from .ops_window import empty_cache, window_attention
 
@@ -79,6 +79,7 @@ class AttentionMixer(nn.Module):
         self.o_proj = getattr(attention, "o_proj", None) or attention.dense
         self.q_norm = getattr(attention, "q_norm", None)
         self.k_norm = getattr(attention, "k_norm", None)
+        self.rope_fn = family_rope(attention)
         self.ctx = ForwardContext()
 
     def reset_new_parameters(self) -> None:
@@ -97,8 +98,7 @@ class AttentionMixer(nn.Module):
         k = head_norm(self.k_norm, self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = rotate_qk(q, k, position_embeddings, self.rope_fn)
         positions = _positions(self.ctx, B, T, x.device)
         y = window_attention(q, k, v, positions, self.scaling, None, 0,
                              cache=self.ctx.layer_state(self.layer_idx))

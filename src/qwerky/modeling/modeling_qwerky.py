@@ -16,14 +16,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_qwerky import QwerkyConfig
+from .layers_common import finalize_logits
 from .mixer_rwkv6 import RWKV6Mixer
 from .mixer_rwkv7 import ForwardContext, RWKV7Mixer
 from .mixer_window import AttentionMixer, WindowMixer
 from .state_cache import QwerkyState
+
+ATTENTION_IMPLEMENTATION = "qwerky"
+
+
+def _teacher_attention_is_replaced(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a teacher attention kernel was called inside a qwerky model; every attention module "
+                       "should have been replaced by a mixer")
+
+
+# The teacher's base model runs under this attention implementation: no kernel of the teacher is ever
+# called, and transformers builds no T x T mask for it (it knows no mask function by this name).
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, _teacher_attention_is_replaced)
 
 MIXER_CLASSES = {"rwkv7": RWKV7Mixer, "rwkv6": RWKV6Mixer, "window": WindowMixer}
 
@@ -58,9 +71,9 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
     def __init__(self, config: QwerkyConfig) -> None:
         super().__init__(config)
         teacher_config = config.teacher_config
-        teacher_config._attn_implementation = "sdpa"
+        teacher_config._attn_implementation = ATTENTION_IMPLEMENTATION
         self.model = AutoModel.from_config(teacher_config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.ctx = ForwardContext()
         self.mixers = []  # plain list: the modules are registered inside the decoder layers
         layers = find_decoder_layers(self.model, config.num_hidden_layers)
@@ -133,11 +146,15 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
         hidden = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                     state=state, **kwargs)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.logits(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=state)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head with the teacher family's own post-processing (logit scale, softcapping)."""
+        return finalize_logits(self.config.teacher_config, self.lm_head(hidden))
 
     def hidden_states(self, input_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, state: QwerkyState | None = None,

@@ -39,7 +39,8 @@ def student_config(teacher: nn.Module, layout: TeacherLayout, mixer: str = "rwkv
         attention_name=layout.attention_name, num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim, attention_scaling=layout.scaling,
         use_rope=layout.has_rope and mixer != "rwkv6", has_qk_norm=layout.has_qk_norm,
-        window_size=window_size, num_sinks=num_sinks, **overrides,
+        window_size=window_size, num_sinks=num_sinks,
+        lm_head_bias=getattr(teacher.get_output_embeddings(), "bias", None) is not None, **overrides,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwerky.modeling.layers_common import finalize_logits
 from qwerky.modeling.mixer_window import AttentionMixer
 from qwerky.surgery.families import inspect_teacher
 
@@ -82,8 +83,12 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
                  taps: TeacherTaps | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Loss of one micro-batch [b, T] of token ids for this stage."""
     t_base = teacher_base(teacher)
-    t_head = teacher.get_output_embeddings()
-    s_head = student.lm_head
+    t_lm_head = teacher.get_output_embeddings()
+
+    def t_head(hidden: torch.Tensor) -> torch.Tensor:
+        return finalize_logits(teacher.config, t_lm_head(hidden))
+
+    s_head = student.logits
 
     if stage == 1:
         assert taps is not None
