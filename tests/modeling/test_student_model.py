@@ -1,0 +1,109 @@
+"""The converted model's forms agree: parallel = chunked continuation = token-by-token decode, for every
+mixer and family; the window student equals the windowed teacher at initialisation; padding is inert;
+the state's size does not depend on the context length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_teacher
+from qwerky.modeling.state_cache import QwerkyState
+from qwerky.surgery import convert_teacher
+
+FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
+MIXERS = ["rwkv7", "rwkv6", "window"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_parallel_equals_pieces_and_steps(family: str, mixer: str) -> None:
+    torch.manual_seed(1)
+    student = convert_teacher(tiny_teacher(family), mixer=mixer, window_size=8, num_sinks=2)
+    with torch.no_grad():  # make the new parameters matter, so the test is not trivially passing
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 384, (2, 45))
+    with torch.no_grad():
+        full = student(x).logits
+        state = student.init_state(2)
+        pieces = torch.cat([student(x[:, :17], past_key_values=state, use_cache=True).logits,
+                            student(x[:, 17:], past_key_values=state, use_cache=True).logits], 1)
+        state2 = student.init_state(2)
+        steps = torch.cat([student(x[:, i:i + 1], past_key_values=state2, use_cache=True).logits
+                           for i in range(45)], 1)
+    _close(pieces, full)
+    _close(steps, full)
+    assert state.position.tolist() == [45, 45]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_student_equals_windowed_teacher_at_init(family: str) -> None:
+    teacher = tiny_teacher(family)
+    W, S, T = 8, 2, 30
+    student = convert_teacher(teacher, mixer="window", window_size=W, num_sinks=S)
+    x = torch.randint(0, 384, (1, T))
+    q = torch.arange(T)[:, None]
+    k = torch.arange(T)[None, :]
+    allowed = (k <= q) & ((k < S) | (q - k < W))
+    mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        ref = teacher(x, attention_mask=mask).logits  # the teacher itself, restricted by an explicit mask
+        out = student(x).logits
+        full_teacher = teacher(x).logits
+    _close(out, ref, 1e-5)
+    assert (out - full_teacher).abs().max() > 1e-3  # the window really cuts something at T > W
+
+
+def test_left_padded_batch_equals_rows_alone() -> None:
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="rwkv6")
+    a, b = torch.randint(1, 384, (1, 12)), torch.randint(1, 384, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        out = student(batch, attention_mask=mask, past_key_values=student.init_state(2), use_cache=True).logits
+        ra, rb = student(a).logits, student(b).logits
+    _close(out[0], ra[0])
+    _close(out[1, 5:], rb[0])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_state_size_independent_of_context(mixer: str) -> None:
+    student = convert_teacher(tiny_teacher("qwen2"), mixer=mixer)
+    short, long = student.init_state(1), student.init_state(1)
+    with torch.no_grad():
+        student(torch.randint(0, 384, (1, 10)), past_key_values=short, use_cache=True)
+        student(torch.randint(0, 384, (1, 1000)), past_key_values=long, use_cache=True)
+    assert short.nbytes() == long.nbytes() > 0
+
+
+def test_hybrid_attention_layers_grow_and_all_attention_equals_teacher() -> None:
+    teacher = tiny_teacher("llama")
+    student = convert_teacher(teacher, attention_layers=[0, 1])
+    x = torch.randint(0, 384, (1, 20))
+    with torch.no_grad():
+        _close(student(x).logits, teacher(x).logits, 1e-5)
+        state = student.init_state(1)
+        steps = torch.cat([student(x[:, i:i + 1], past_key_values=state, use_cache=True).logits for i in range(20)], 1)
+    _close(steps, teacher(x).logits, 1e-4)
+    assert state.nbytes() > student.init_state(1).nbytes()  # a kept attention layer's cache grows
+
+
+def test_state_select_and_stack_roundtrip() -> None:
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2)
+    x = torch.randint(0, 384, (3, 15))
+    state = student.init_state(3)
+    with torch.no_grad():
+        student(x, past_key_values=state, use_cache=True)
+        nxt = torch.randint(0, 384, (3, 1))
+        ref = student(nxt, past_key_values=state.clone(), use_cache=True).logits
+        parts = [state.select([i]) for i in (2, 0, 1)]
+        merged = QwerkyState.stack(parts)
+        out = student(nxt[[2, 0, 1]], past_key_values=merged, use_cache=True).logits
+    _close(out, ref[[2, 0, 1]])

@@ -1,0 +1,78 @@
+"""The exported folder loads in a fresh process with plain transformers and generates with a fixed-size state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tokenizer, tiny_teacher
+from qwerky.surgery import convert_teacher, load_student, save_student
+
+CHECK = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+assert not any(m.startswith("qwerky") for m in sys.modules), "qwerky must not be imported"
+tok = AutoTokenizer.from_pretrained(path)
+ids = tok("The pass key is", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+with torch.no_grad():
+    argmax = model(out).logits[:, ids.shape[1] - 1:-1].argmax(-1)
+short, long = model.init_state(1), model.init_state(1)
+with torch.no_grad():
+    for n, state in ((10, short), (1000, long)):
+        for _ in range(n):
+            model(torch.tensor([[5]]), past_key_values=state, use_cache=True)
+print(json.dumps({"match": bool((argmax == out[:, ids.shape[1]:]).all()), "new": out.shape[1] - ids.shape[1],
+                  "short": short.nbytes(), "long": long.nbytes(), "cls": type(model).__name__}))
+"""
+
+
+@pytest.mark.parametrize("family,mixer", [("qwen2", "rwkv7"), ("qwen3", "rwkv7"), ("llama", "rwkv6"),
+                                          ("mistral", "window")])
+def test_fresh_process_load_generate_and_constant_state(tmp_path: Path, family: str, mixer: str) -> None:
+    out = tmp_path / "student"
+    save_student(convert_teacher(tiny_teacher(family), mixer=mixer), build_tokenizer(), out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_qwerky.QwerkyForCausalLM"
+    assert (out / "modeling_qwerky.py").exists() and (out / "model.safetensors").exists()
+    res = subprocess.run([sys.executable, "-c", CHECK, str(out)], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["match"] and result["new"] == 32
+    assert result["short"] == result["long"]
+
+
+def test_roundtrip_weights_and_logits(tmp_path: Path) -> None:
+    import torch
+
+    student = convert_teacher(tiny_teacher("qwen3"), mixer="rwkv7")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_student(student, build_tokenizer(), tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    x = torch.randint(0, 384, (2, 33))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, student(x).logits, atol=1e-5)
+
+
+def test_export_is_atomic_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+
+    class Broken:
+        def save_pretrained(self, *a: object, **k: object) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_student(convert_teacher(tiny_teacher("qwen2")), Broken(), out)
+    assert (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]

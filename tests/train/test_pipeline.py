@@ -1,0 +1,118 @@
+"""The main job end to end on a tiny teacher: all stages, report, export; resume after SIGKILL; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwerky.cli import main
+from qwerky.train.checkpoint import CheckpointManager
+from train.conftest import TINY
+
+
+def _args(teacher: Path, data: Path, out: Path, extra: list[str] | None = None) -> list[str]:
+    sets = [x for s in TINY for x in ("--set", s)]
+    return ["convert", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *sets, *(extra or [])]
+
+
+def test_all_stages_report_and_export(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    assert main(_args(teacher_dir, text_file, out, ["--set", "stage3.lora_rank=4"])) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == [1, 2, 3, 4]
+    q = report["quality"]
+    for name in ("teacher", "student", "baseline"):
+        assert q[name]["ppl"] > 1
+    assert 0 <= q["student"]["top1"] <= 1 and q["student"]["kl"] >= 0
+    assert set(report["quality_by_stage"]) == {"stage0", "stage1", "stage2", "stage3", "stage4"}
+    assert "| window baseline" in (out / "report.md").read_text()
+    weights = load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in weights)  # LoRA merged into the MLPs before export
+    log = [json.loads(line) for line in (tmp_path / "student.run" / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {1, 2, 3, 4} and all("loss" in r and "tokens" in r for r in log)
+
+
+def test_stages_train_only_what_they_should(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    from qwerky.teacher import load_teacher
+
+    teacher = load_teacher(teacher_dir)
+    out = tmp_path / "s"
+    assert main(_args(teacher_dir, text_file, out, ["--stages", "1,2", "--no-eval"])) == 0
+    weights = load_file(out / "model.safetensors")
+    mlp = weights["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(mlp, teacher.model.layers[0].mlp.up_proj.weight)  # stages 1-2 leave MLPs alone
+    assert not torch.equal(weights["model.layers.0.self_attn.receptance.weight"],
+                           teacher.model.layers[0].self_attn.q_proj.weight)
+
+
+def _run_cli(args: list[str], **kw: object) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "qwerky", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    extra = ["--stages", "1,2", "--no-eval", "--set", "train.checkpoint_every=3", "--set", "stage2.tokens=16384"]
+    ref = _run_cli(_args(teacher_dir, text_file, tmp_path / "ref", extra))
+    killed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra))
+    manifest = tmp_path / "run.run" / "checkpoints" / "manifest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        if manifest.exists() and "stage2-step" in manifest.read_text():
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    assert not (tmp_path / "run").exists()
+    resumed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", [*extra, "--resume"]))
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert ref.wait() == 0, ref.stderr.read()
+    a = load_file(tmp_path / "ref" / "model.safetensors")
+    b = load_file(tmp_path / "run" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run.run" / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["stage"] == 2]
+    assert steps == list(range(1, len(steps) + 1))  # the log was cut back to the checkpoint, no duplicates
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save({"step": 1}, "a")
+    mgr.save({"step": 2}, "b")
+    path = tmp_path / "b.pt"
+    path.write_bytes(path.read_bytes()[:20])  # a partial write
+    assert mgr.load_latest() == {"step": 1}
+    assert "corrupt or partial" in caplog.text
+    (tmp_path / "a.pt").unlink()
+    assert mgr.load_latest() is None
+
+
+def test_fsdp_two_processes_match_one(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    extra = ["--stages", "1,2,3", "--no-eval"]
+    one = _run_cli(_args(teacher_dir, text_file, tmp_path / "one", extra))
+    assert one.wait() == 0, one.stderr.read()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "qwerky", *_args(teacher_dir, text_file, tmp_path / "two", extra)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    la = [json.loads(x) for x in (tmp_path / "one.run" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "two.run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in la] == [(r["stage"], r["step"]) for r in lb]
+    for ra, rb in zip(la, lb):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
