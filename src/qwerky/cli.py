@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # transformers' own notices drown the CLI's output; -v brings them back
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     errors = _user_errors()
     try:
         return int(args.func(args) or 0)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_teacher
 from qwerky.modeling.state_cache import QwerkyState
 from qwerky.surgery import convert_teacher
+from qwerky_testing import tiny_teacher
 
 FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
 MIXERS = ["rwkv7", "rwkv6", "window"]

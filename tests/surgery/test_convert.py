@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import tiny_teacher
 from qwerky.surgery import UnsupportedArchitectureError, convert_teacher, unshare_from_teacher
+from qwerky_testing import tiny_teacher
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tokenizer, tiny_teacher
 from qwerky.surgery import convert_teacher, load_student, save_student
+from qwerky_testing import build_tokenizer, tiny_teacher
 
 CHECK = r"""
 import json, sys, torch
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 path = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
 assert not any(m.startswith("qwerky") for m in sys.modules), "qwerky must not be imported"
-tok = AutoTokenizer.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 ids = tok("The pass key is", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
 with torch.no_grad():
@@ -28,7 +28,7 @@ with torch.no_grad():
     for n, state in ((10, short), (1000, long)):
         for _ in range(n):
             model(torch.tensor([[5]]), past_key_values=state, use_cache=True)
-print(json.dumps({"match": bool((argmax == out[:, ids.shape[1]:]).all()), "new": out.shape[1] - ids.shape[1],
+print("\nRESULT " + json.dumps({"match": bool((argmax == out[:, ids.shape[1]:]).all()), "new": out.shape[1] - ids.shape[1],
                   "short": short.nbytes(), "long": long.nbytes(), "cls": type(model).__name__}))
 """
 
@@ -44,7 +44,7 @@ def test_fresh_process_load_generate_and_constant_state(tmp_path: Path, family: 
     res = subprocess.run([sys.executable, "-c", CHECK, str(out)], capture_output=True, text=True, cwd=tmp_path,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(res.stdout.strip().splitlines()[-1])
+    result = json.loads(res.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result["match"] and result["new"] == 32
     assert result["short"] == result["long"]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import TINY
 
 from qwerky.cli import main
 from qwerky.train.checkpoint import CheckpointManager
-from train.conftest import TINY
 
 
 def _args(teacher: Path, data: Path, out: Path, extra: list[str] | None = None) -> list[str]:
@@ -36,7 +36,8 @@ def test_all_stages_report_and_export(teacher_dir: Path, text_file: Path, tmp_pa
     assert set(report["quality_by_stage"]) == {"stage0", "stage1", "stage2", "stage3", "stage4"}
     assert "| window baseline" in (out / "report.md").read_text()
     weights = load_file(out / "model.safetensors")
-    assert not any("lora" in k for k in weights)  # LoRA merged into the MLPs before export
+    assert not any("lora_A" in k or "lora_B" in k or "base_layer" in k for k in weights)  # merged before export
+    assert "model.layers.0.mlp.up_proj.weight" in weights
     log = [json.loads(line) for line in (tmp_path / "student.run" / "log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {1, 2, 3, 4} and all("loss" in r and "tokens" in r for r in log)
 

@@ -45,6 +45,10 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch
     cos, sin = position_embeddings
     if family_fn is None:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:  # partial rotary: rotate the first `rot` dims, pass the rest (StableLM, Phi)
+        q2, k2 = rotate_qk(q[..., :rot], k[..., :rot], position_embeddings, family_fn)
+        return torch.cat([q2, q[..., rot:]], -1), torch.cat([k2, k[..., rot:]], -1)
     q2, k2 = family_fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # HF layout [B, H, T, D]
     return q2.transpose(1, 2), k2.transpose(1, 2)
 

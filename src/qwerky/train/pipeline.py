@@ -61,7 +61,8 @@ def validate_job(job: ConvertJob) -> None:
     if training and not job.data:
         raise QwerkyError("training stages need text: pass --data FILE... (.txt, .jsonl, .jsonl.gz, .parquet, "
                           "or a saved datasets folder), or --stages 0 for conversion only")
-    for source in resolve_sources(job.data) + (resolve_sources(job.heldout) if job.heldout else []):
+    sources = (resolve_sources(job.data) if job.data else []) + (resolve_sources(job.heldout) if job.heldout else [])
+    for source in sources:
         for f in source.files():  # DataError above for a missing path or an unsupported kind
             if f.is_file() and f.stat().st_size == 0:
                 raise DataError(f"data file {f} is empty (pass a file with text in it)")
