@@ -65,6 +65,9 @@ def save_student(student: Any, tokenizer: Any, out_dir: str | Path, extra_files:
         for name, content in (extra_files or {}).items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2)
             (tmp / name).write_text(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model folder should be like any other
         atomic_replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

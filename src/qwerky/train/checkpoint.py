@@ -28,6 +28,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask_mode() -> int:
+    """The mode a plainly created file would get (mkstemp's temporaries are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -36,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +81,7 @@ class CheckpointManager:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             digest = _sha256(Path(tmp))
+            os.chmod(tmp, _umask_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
