@@ -62,7 +62,8 @@ def test_bad_inputs_one_line_and_nothing_overwritten(teacher_dir: Path, tmp_path
 
     assert "teacher folder not found" in _error(["convert", "--teacher", str(tmp_path / "nope"), "--out", str(out)])
     gpt2 = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
+    gpt2_config = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    tf.GPT2LMHeadModel(gpt2_config).save_pretrained(gpt2)
     assert "unsupported architecture 'gpt2'" in _error(["convert", "--teacher", str(gpt2), "--out", str(out),
                                                         "--stages", "0", "--overwrite"])
     empty = tmp_path / "empty.jsonl"

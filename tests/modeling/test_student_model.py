@@ -107,3 +107,23 @@ def test_state_select_and_stack_roundtrip() -> None:
         merged = QwerkyState.stack(parts)
         out = student(nxt[[2, 0, 1]], past_key_values=merged, use_cache=True).logits
     _close(out, ref[[2, 0, 1]])
+
+
+@pytest.mark.parametrize("window,sinks", [(16, 4), (16, 0)])
+def test_blocked_window_attention_equals_one_block(window: int, sinks: int) -> None:
+    from qwerky.modeling.ops_window import empty_cache, window_attention
+
+    torch.manual_seed(0)
+    B, T, H, Hk, D = 2, 150, 4, 2, 8
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hk, D), torch.randn(B, T, Hk, D)
+    pos = torch.arange(T).expand(B, T).clone()
+    pos[1, :7] = -1  # left padding on row 1
+    pos[1, 7:] -= 7
+    ref = window_attention(q, k, v, pos, 0.3, window, sinks, block=10**6)
+    for block in (8, 33):
+        _close(window_attention(q, k, v, pos, 0.3, window, sinks, block=block), ref, 1e-5)
+    cache = empty_cache(B, Hk, D, window, sinks, torch.float32)
+    parts = [window_attention(q[:, s], k[:, s], v[:, s], pos[:, s], 0.3, window, sinks, cache=cache, block=8)
+             for s in (slice(0, 70), slice(70, T))]
+    real = pos >= 0
+    _close(torch.cat(parts, 1)[real], ref[real], 1e-5)

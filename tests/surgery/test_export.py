@@ -28,8 +28,9 @@ with torch.no_grad():
     for n, state in ((10, short), (1000, long)):
         for _ in range(n):
             model(torch.tensor([[5]]), past_key_values=state, use_cache=True)
-print("\nRESULT " + json.dumps({"match": bool((argmax == out[:, ids.shape[1]:]).all()), "new": out.shape[1] - ids.shape[1],
-                  "short": short.nbytes(), "long": long.nbytes(), "cls": type(model).__name__}))
+result = {"match": bool((argmax == out[:, ids.shape[1]:]).all()), "new": out.shape[1] - ids.shape[1],
+          "short": short.nbytes(), "long": long.nbytes(), "cls": type(model).__name__}
+print("\nRESULT " + json.dumps(result))
 """
 
 

@@ -27,40 +27,58 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, num_s
 
 def window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
-    window: int | None, num_sinks: int, cache: dict[str, torch.Tensor] | None = None,
+    window: int | None, num_sinks: int, cache: dict[str, torch.Tensor] | None = None, block: int = 256,
 ) -> torch.Tensor:
     """Softmax attention of q [B, T, H, D] over cached + new keys k, v [B, T, Hk, D].
 
-    positions [B, T] are the absolute positions of the new tokens (-1 = padding). When `cache` is given
-    (see `empty_cache`), it supplies the earlier keys and is updated in place with the new ones.
+    positions [B, T] are the absolute positions of the new tokens (-1 = padding; padding only precedes
+    real tokens). When `cache` is given (see `empty_cache`), it supplies the earlier keys and is updated
+    in place with the new ones. With a window, queries are processed `block` at a time against only the
+    keys they can see (sinks + the last `window` tokens), so a long prefill costs O(T * (W + block)),
+    not O(T^2).
     """
     B, T, H, D = q.shape
-    n_rep = H // k.shape[2]
-    keys, values, k_pos = k, v, positions
+    cached_k, cached_v, cached_p = [], [], []
     if cache is not None:
-        parts_k, parts_v, parts_p = [], [], []
-        if "sk" in cache:  # sink slots; window slots below exclude positions < num_sinks to avoid duplicates
-            parts_k.append(cache["sk"])
-            parts_v.append(cache["sv"])
-            parts_p.append(cache["spos"])
-            wpos = cache["kpos"].masked_fill(cache["kpos"] < num_sinks, -1)
+        if "sk" in cache:  # sink slots; window slots exclude positions < num_sinks to avoid duplicates
+            cached_k.append(cache["sk"])
+            cached_v.append(cache["sv"])
+            cached_p.append(cache["spos"])
+            cached_p.append(cache["kpos"].masked_fill(cache["kpos"] < num_sinks, -1))
         else:
-            wpos = cache["kpos"]
-        parts_k += [cache["k"], k]
-        parts_v += [cache["v"], v]
-        parts_p += [wpos, positions]
-        keys, values, k_pos = torch.cat(parts_k, 1), torch.cat(parts_v, 1), torch.cat(parts_p, 1)
-    allowed = _allowed(positions, k_pos, window, num_sinks)
-    # a padding query sees only itself, so no row of the softmax is empty
-    own = torch.zeros_like(allowed)
-    own[:, :, keys.shape[1] - T:] = torch.eye(T, dtype=torch.bool, device=q.device)
-    allowed = allowed | (own & (positions < 0)[:, :, None])
-    kk = repeat_heads(keys.to(q.dtype), n_rep).transpose(1, 2)
-    vv = repeat_heads(values.to(q.dtype), n_rep).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=allowed[:, None], scale=scale)
+            cached_p.append(cache["kpos"])
+        cached_k.append(cache["k"])
+        cached_v.append(cache["v"])
+    if window is None or T <= 2 * block:
+        spans = [(0, T, 0)]
+    else:
+        is_sink = (positions >= 0) & (positions < num_sinks)
+        n_sink = int((is_sink.long() * torch.arange(1, T + 1, device=q.device)).max().item())  # last sink index + 1
+        spans = [(a, min(T, a + block), max(0, a - window + 1)) for a in range(0, T, block)]
+        spans = [(a, b, lo if lo > n_sink else 0) for a, b, lo in spans]
+    outs = []
+    for a, b, lo in spans:
+        idx = torch.arange(lo, b, device=q.device)
+        if lo > 0:  # keep the sink tokens at the front of the stream visible to this block
+            idx = torch.cat([torch.arange(0, n_sink, device=q.device), idx])
+        keys = torch.cat([*cached_k, k[:, idx]], 1) if cached_k else k[:, idx]
+        values = torch.cat([*cached_v, v[:, idx]], 1) if cached_v else v[:, idx]
+        k_pos = torch.cat([*cached_p, positions[:, idx]], 1) if cached_p else positions[:, idx]
+        n_cached = keys.shape[1] - idx.numel()
+        q_pos = positions[:, a:b]
+        allowed = _allowed(q_pos, k_pos, window, num_sinks)
+        # a padding query sees only itself, so no row of the softmax is empty
+        own = torch.zeros_like(allowed)
+        own[:, :, n_cached:] = torch.arange(a, b, device=q.device)[:, None] == idx[None, :]
+        allowed = allowed | (own & (q_pos < 0)[:, :, None])
+        n_rep = H // keys.shape[2]
+        kk = repeat_heads(keys.to(q.dtype), n_rep).transpose(1, 2)
+        vv = repeat_heads(values.to(q.dtype), n_rep).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), kk, vv, attn_mask=allowed[:, None], scale=scale)
+        outs.append(out.transpose(1, 2))
     if cache is not None:
         _update_cache(cache, k, v, positions, window, num_sinks)
-    return out.transpose(1, 2)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 def empty_cache(batch_size: int, num_kv_heads: int, head_dim: int, window: int | None, num_sinks: int,
