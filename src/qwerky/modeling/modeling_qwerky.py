@@ -68,6 +68,8 @@ class QwerkyPreTrainedModel(PreTrainedModel):
 class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
     """A converted model: the teacher's base model with mixers in place of attention, and its LM head."""
 
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # used when tie_word_embeddings
+
     def __init__(self, config: QwerkyConfig) -> None:
         super().__init__(config)
         teacher_config = config.teacher_config
@@ -87,8 +89,6 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
             mixer.ctx = self.ctx
             setattr(layer, config.attention_name, mixer)
             self.mixers.append(mixer)
-        if config.tie_word_embeddings:
-            self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
         self.post_init()
 
     @classmethod
@@ -106,10 +106,6 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
-
-    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.get_input_embeddings().weight
 
     def init_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> QwerkyState:
         """An empty state for `batch_size` sequences; its size never grows for recurrent/window layers."""
