@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,6 +198,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(row)
                 print(f"  {name:7s} L={length:5d}: {load['tokens_per_s']:.1f} tok/s, p50 {load['p50_s']:.2f} s, "
                       f"state/seq {row['state_bytes_per_seq']}", flush=True)
+        decode = None
+        if args.decode_batch > 0:
+            decode = decode_only(student_dir, teacher_dir, lengths, args.decode_batch, args.decode_steps, args.threads,
+                                 vocab)
     ratios = []
     for length in lengths:
         s = next(r for r in rows if r["model"] == "student" and r["prompt_tokens"] == length)
@@ -204,10 +209,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratios.append({"prompt_tokens": length,
                        **{k: (s[k] / t[k] if t[k] else None) for k in
                           ("tokens_per_s", "p50_s", "p99_s", "peak_rss_bytes", "state_bytes_per_seq")}})
-    return {"default_tiny_models": default, "student": str(student_dir) if not default else "tiny in-process",
+    return {"default_tiny_models": default, "decode_only": decode,
+            "student": str(student_dir) if not default else "tiny in-process",
             "teacher": str(teacher_dir) if not default else "tiny in-process", "facts": facts,
             "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
             "cpu_count": os.cpu_count(), "results": rows, "ratios_student_over_teacher": ratios}
+
+
+@torch.no_grad()
+def decode_only(student_dir: Path, teacher_dir: Path, lengths: list[int], batch: int, steps: int, threads: int,
+                vocab: int) -> list[dict[str, Any]]:
+    """Decode tokens/s with `batch` sequences already holding `length` tokens of context: the serving cost
+    that grows with context for a KV cache and stays flat for a recurrent state (prefill not timed)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from qwerky.surgery import load_student
+
+    torch.set_num_threads(threads)
+    student = load_student(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for length in lengths:
+        prompt = torch.randint(3, vocab, (batch, length), generator=gen)
+        tok = torch.randint(3, vocab, (batch, 1), generator=gen)
+        state = student.init_state(batch)
+        for piece in prompt.split(1024, dim=1):
+            student(piece, past_key_values=state, use_cache=True, logits_to_keep=1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            student(tok, past_key_values=state, use_cache=True)
+        s_rate = batch * steps / (time.perf_counter() - t0)
+        cache = DynamicCache(config=teacher.config)
+        for piece in prompt.split(1024, dim=1):
+            teacher(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            teacher(tok, past_key_values=cache, use_cache=True)
+        t_rate = batch * steps / (time.perf_counter() - t0)
+        kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) // batch
+        rows.append({"context": length, "batch": batch, "student_decode_tok_s": s_rate, "teacher_decode_tok_s": t_rate,
+                     "decode_ratio": s_rate / t_rate, "student_state_bytes_per_seq": state.nbytes() // batch,
+                     "teacher_kv_bytes_per_seq": kv, "memory_ratio": state.nbytes() / batch / kv})
+        print(f"  decode-only L={length}: student {s_rate:.0f} tok/s, teacher {t_rate:.0f} tok/s", flush=True)
+    return rows
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -222,6 +267,16 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report["ratios_student_over_teacher"]:
         cells = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "prompt_tokens" and v is not None)
         print(f"  prompt {r['prompt_tokens']}: {cells}")
+    if report.get("decode_only"):
+        print("\ndecode only (context already prefilled, batch of sequences decoding together)")
+        print("| context | batch | student tok/s | teacher tok/s | ratio | state KiB/seq | teacher KV KiB/seq "
+              "| mem ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in report["decode_only"]:
+            print(f"| {r['context']} | {r['batch']} | {r['student_decode_tok_s']:.0f} | "
+                  f"{r['teacher_decode_tok_s']:.0f} | "
+                  f"{r['decode_ratio']:.2f}x | {r['student_state_bytes_per_seq'] / 1024:.0f} | "
+                  f"{r['teacher_kv_bytes_per_seq'] / 1024:.0f} | {r['memory_ratio']:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-batch", type=int, default=8, help="decode-only measurement batch (0 = skip)")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per context length")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
     report = run(args)
