@@ -96,6 +96,17 @@ class LowRank(nn.Module):
         return self.up(h)
 
 
+def take_projections(mixer: nn.Module, attention: nn.Module) -> None:
+    """Stage-0 weight transfer: q->receptance, k->key, v->value, o->output, q/k norms -> r/k norms (modules
+    taken over as they are, biases included; GQA key/value keep their head count)."""
+    mixer.receptance = attention.q_proj
+    mixer.key = attention.k_proj
+    mixer.value = attention.v_proj
+    mixer.output = getattr(attention, "o_proj", None) or attention.dense
+    mixer.r_norm = getattr(attention, "q_norm", None)
+    mixer.k_norm = getattr(attention, "k_norm", None)
+
+
 def head_norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     """Apply a teacher q/k norm: per head when its weight is head-sized, over all heads otherwise (OLMo2)."""
     if norm is None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers_common import LowRank, repeat_heads
+from .layers_common import LowRank, head_norm, repeat_heads, take_projections
 from .mixer_rwkv7 import ForwardContext
 from .ops_rwkv6 import rwkv6_attention
 
@@ -31,12 +31,7 @@ class RWKV6Mixer(nn.Module):
         C, H, D = config.hidden_size, config.num_heads, config.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = H, config.num_kv_heads, D
-        self.receptance = attention.q_proj
-        self.key = attention.k_proj
-        self.value = attention.v_proj
-        self.output = getattr(attention, "o_proj", None) or attention.dense
-        self.r_norm = getattr(attention, "q_norm", None)
-        self.k_norm = getattr(attention, "k_norm", None)
+        take_projections(self, attention)
         self.shift_base = nn.Parameter(torch.zeros(5, C))  # r, k, v, w, g
         self.shift_lora = LowRank(C, config.decay_rank, 5 * C)
         self.decay_base = nn.Parameter(torch.linspace(-6.0, 1.0, D).repeat(H))
@@ -81,8 +76,7 @@ class RWKV6Mixer(nn.Module):
         r = self.receptance(xr).view(B, T, H, D)
         k = self.key(xk).view(B, T, self.num_kv_heads, D)
         v = self.value(xv).view(B, T, self.num_kv_heads, D)
-        if self.r_norm is not None:
-            r, k = self.r_norm(r), self.k_norm(k)
+        r, k = head_norm(self.r_norm, r), head_norm(self.k_norm, k)
         n_rep = H // self.num_kv_heads
         k, v = repeat_heads(k, n_rep), repeat_heads(v, n_rep)
         log_w = (-torch.exp(self.decay_base + self.decay_lora(xw))).clamp(min=MIN_LOG_DECAY).view(B, T, H, D)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_common import LowRank, family_rope, head_norm, repeat_heads, rotate_qk
+from .layers_common import LowRank, family_rope, head_norm, repeat_heads, rotate_qk, take_projections
 from .ops_rwkv7 import rwkv7_attention
 
 LOG_DECAY_SCALE = math.exp(-0.5)
@@ -68,12 +68,7 @@ class RWKV7Mixer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = H, config.num_kv_heads, D
         self.use_rope = config.use_rope
         self.chunk_size = config.chunk_size
-        self.receptance = attention.q_proj
-        self.key = attention.k_proj
-        self.value = attention.v_proj
-        self.output = getattr(attention, "o_proj", None) or attention.dense
-        self.r_norm = getattr(attention, "q_norm", None)
-        self.k_norm = getattr(attention, "k_norm", None)
+        take_projections(self, attention)
         self.rope_fn = family_rope(attention)
         self.decay_base = nn.Parameter(torch.linspace(-5.0, 1.0, D).repeat(H))
         self.decay_lora = LowRank(C, config.decay_rank, H * D)
