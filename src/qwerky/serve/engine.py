@@ -247,28 +247,24 @@ class _EngineBase:
         req.result(timeout)
         return req
 
+    def _enqueue(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("engine is shut down")
+            self._jobs.append((fn, fut))
+            self._cv.notify_all()
+        if self._thread is None:
+            self.start()
+        return fut
+
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run fn on the engine thread between steps (the only thread allowed to touch the model)."""
-        fut: Future = Future()
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("engine is shut down")
-            self._jobs.append((fn, fut))
-            self._cv.notify_all()
-        if self._thread is None:
-            self.start()
-        return fut.result(timeout)
+        return self._enqueue(fn).result(timeout)
 
     async def acall(self, fn: Callable[[], Any]) -> Any:
-        fut: Future = Future()
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("engine is shut down")
-            self._jobs.append((fn, fut))
-            self._cv.notify_all()
-        if self._thread is None:
-            self.start()
-        return await asyncio.wrap_future(fut)
+        """`call` for async callers."""
+        return await asyncio.wrap_future(self._enqueue(fn))
 
     def prompt_logprobs(self, token_ids: Sequence[int], top: int = 0, segment: int = 1024
                         ) -> list[float | None] | tuple[list[float | None], list[dict[int, float] | None]]:
