@@ -35,10 +35,15 @@ def plot_loss_by_position(position: Mapping[str, Any], out: str | Path, train_le
     ax.set_title("Loss by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, out, dpi=110)
+
+
+def _save(fig: Any, out: str | Path, dpi: int) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -61,12 +66,7 @@ def plot_heatmap(acc: Sequence[Sequence[float | None]], depths: Sequence[float |
                 ax.text(j, i, f"{data[i, j]:.0f}", ha="center", va="center", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], out: str | Path) -> Path:
@@ -84,9 +84,4 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], out: str | Path) 
         ax.set_xlabel(xkey)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
