@@ -31,13 +31,16 @@ def _text_paths() -> tuple[Path, Path]:
     return TRAIN_TEXT, HELDOUT_TEXT  # the same files, shipped inside the package
 
 
-def run(out: Path, mixer: str, recipe: str, sets: list[str], teacher: Path | None) -> dict[str, Any]:
+def run(out: Path, mixer: str, recipe: str, sets: list[str], teacher: Path | None, data: Path | None = None,
+        device: str = "auto") -> dict[str, Any]:
+    """Convert `teacher` (default: the embedded one) on `data` (default: python-docs-train), held out on
+    python-docs-validation."""
     from qwerky.demo import TEACHER
     from qwerky.train import ConvertJob, load_recipe, run_conversion
 
     train, held = _text_paths()
     job = ConvertJob(teacher=teacher or TEACHER, out=out, recipe=load_recipe(recipe, [f"student.mixer={mixer}", *sets]),
-                     data=[train], heldout=[held], overwrite=True)
+                     data=[data or train], heldout=[held], overwrite=True, device=device)
     return run_conversion(job)
 
 

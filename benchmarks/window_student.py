@@ -4,6 +4,10 @@ everything older) against the training-free window baseline and the pure RWKV-7 
     python benchmarks/window_student.py                    # converts both students (~25 min on 2 CPU cores)
     python benchmarks/window_student.py --rwkv7 /tmp/demo --window /tmp/win   # reuse finished conversions
 
+    # a teacher pre-trained on long documents (scripts/train_teacher.py --seq-len 2048 ...), on a GPU:
+    python benchmarks/window_student.py --teacher /tmp/long-teacher --data /tmp/long-teacher/mixture.jsonl.gz \
+        --recipe long_context --work /tmp/long --json /tmp/long/window_student.json
+
 Prints and writes (JSON): held-out KL / top-1 agreement / perplexity ratio at the training context;
 passkey accuracy with the key placed beyond the window at 2x and 4x the training length; state memory per
 sequence at 512 and 8192 tokens of context; decode speed of the window student relative to the RWKV-7 one.
@@ -26,12 +30,17 @@ from conversion_fidelity import run  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _convert_or_load(path: Path | None, default: Path, mixer: str, sets: list[str]) -> Path:
+def _convert_or_load(path: Path | None, default: Path, mixer: str, args: argparse.Namespace) -> Path:
     if path is not None and (path / "report.json").exists():
         return path
     out = path or default
-    run(out, mixer, "default", sets, None)
+    run(out, mixer, args.recipe, args.set, args.teacher, args.data, args.device)
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -39,17 +48,20 @@ def _memory_and_speed(models: dict[str, Any], contexts: list[int], steps: int, b
     out: dict[str, Any] = {}
     for name, model in models.items():
         row: dict[str, Any] = {}
+        dev = next(model.parameters()).device
         for ctx in contexts:
             state = model.init_state(1)
-            model(torch.randint(5, 1000, (1, ctx)), past_key_values=state, use_cache=True)
+            model(torch.randint(5, 1000, (1, ctx), device=dev), past_key_values=state, use_cache=True)
             row[f"state_bytes_at_{ctx}"] = state.nbytes()
         state = model.init_state(batch)
-        model(torch.randint(5, 1000, (batch, 512)), past_key_values=state, use_cache=True)
-        tok = torch.randint(5, 1000, (batch, 1))
+        model(torch.randint(5, 1000, (batch, 512), device=dev), past_key_values=state, use_cache=True)
+        tok = torch.randint(5, 1000, (batch, 1), device=dev)
         model(tok, past_key_values=state, use_cache=True)
+        _sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
             model(tok, past_key_values=state, use_cache=True)
+        _sync(dev)
         row["decode_tokens_per_s"] = batch * steps / (time.perf_counter() - t0)
         out[name] = row
     return out
@@ -59,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rwkv7", type=Path, help="finished pure RWKV-7 student folder (else converted here)")
     p.add_argument("--window", type=Path, help="finished window student folder (else converted here)")
+    p.add_argument("--teacher", type=Path, help="teacher folder (default: the embedded teacher)")
+    p.add_argument("--data", type=Path, help="distillation text (default: python-docs-train)")
+    p.add_argument("--recipe", default="default", help="recipe name or YAML path (both students)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--work", type=Path, default=Path("/tmp"), help="where converted students go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides (both)")
     p.add_argument("--samples", type=int, default=6, help="passkey samples per length and depth")
+    p.add_argument("--passkey-multiples", default="1,2,4",
+                   help="passkey prompt lengths as multiples of the training length (1x shows the teacher can do it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "window_student.json"))
     args = p.parse_args(argv)
@@ -71,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     from qwerky.surgery import convert_teacher, load_student
     from qwerky.teacher import load_teacher, load_tokenizer
 
-    rwkv_dir = _convert_or_load(args.rwkv7, Path("/tmp/qwerky-fidelity-rwkv7"), "rwkv7", args.set)
-    win_dir = _convert_or_load(args.window, Path("/tmp/qwerky-fidelity-window"), "window", args.set)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    args.device = device.type
+    rwkv_dir = _convert_or_load(args.rwkv7, args.work / "qwerky-fidelity-rwkv7", "rwkv7", args)
+    win_dir = _convert_or_load(args.window, args.work / "qwerky-fidelity-window", "window", args)
     reports = {n: json.loads((d / "report.json").read_text()) for n, d in (("rwkv7", rwkv_dir), ("window", win_dir))}
     q_r, q_w = reports["rwkv7"]["quality"], reports["window"]["quality"]
     quality = {"window baseline": q_w["baseline"], "rwkv7 student": q_r["student"], "window student": q_w["student"]}
@@ -87,20 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, q in quality.items():
         print(f"| {name} | {toks[name]:,} | {q['kl']:.4f} | {q['top1']:.1%} | {q['ppl'] / t_ppl:.3f} |")
 
-    teacher = load_teacher(TEACHER)
-    tokenizer = load_tokenizer(TEACHER)
+    teacher_dir = args.teacher or TEACHER
+    teacher = load_teacher(teacher_dir).to(device)
+    tokenizer = load_tokenizer(teacher_dir)
     models = {"teacher": teacher, "baseline": convert_teacher(teacher, mixer="window").eval(),
-              "rwkv7": load_student(rwkv_dir), "window": load_student(win_dir)}
-    lengths = [2 * train_len, 4 * train_len]
+              "rwkv7": load_student(rwkv_dir).to(device), "window": load_student(win_dir).to(device)}
+    lengths = [int(float(m) * train_len) for m in args.passkey_multiples.split(",")]
     # depths 10-50%: the key sits hundreds of tokens before the question, far outside the 64-token window
     depths = [0.1, 0.3, 0.5]
     passkey = run_longctx(models, tokenizer, "passkey", lengths, depths, args.samples, seed=0,
                           progress=lambda m: print("  " + m, file=sys.stderr))
-    print(f"\npasskey, key beyond the window, at 2x and 4x the training length ({train_len})")
+    print(f"\npasskey, key beyond the window, at {args.passkey_multiples}x the training length ({train_len})")
     print(format_table(passkey))
 
     perf = _memory_and_speed({"rwkv7": models["rwkv7"], "window": models["window"]}, [512, 8192], 64, 8)
-    print("\n| student | state bytes at 512 | state bytes at 8192 | decode tok/s (batch 8, 1 thread set) |")
+    print(f"\n| student | state bytes at 512 | state bytes at 8192 | decode tok/s (batch 8, {device.type}) |")
     print("|---|---|---|---|")
     for name, row in perf.items():
         print(f"| {name} | {row['state_bytes_at_512']:,} | {row['state_bytes_at_8192']:,} | "
@@ -112,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("records", None)
     result = {"quality": quality, "teacher_ppl": t_ppl, "tokens": toks, "train_len": train_len,
               "passkey": passkey, "memory_and_speed": perf, "decode_ratio_window_over_rwkv7": ratio,
-              "runs": {"rwkv7": str(rwkv_dir), "window": str(win_dir)}}
+              "runs": {"rwkv7": str(rwkv_dir), "window": str(win_dir)},
+              "teacher": str(teacher_dir), "data": str(args.data) if args.data else "python-docs-train",
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "wall_s": {n: r.get("wall_s") for n, r in reports.items()}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -21,6 +21,7 @@ use ``--steps 240 --stop-at-step 233`` (same seed, one thread; not re-verified b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -52,6 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "src" / "qwerky" / "assets" / "teacher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (share the machine)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda trains under bf16 autocast)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this folder's tokenizer instead of training one (e.g. the embedded teacher's)")
+    p.add_argument("--retrieval-docs", type=int, default=0,
+                   help="add this many synthetic retrieval documents (a key stated inside real text, asked for at "
+                        "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
+    p.add_argument("--mixture-out", type=Path, default=None,
+                   help="write the training texts (synthetic documents included) here as .jsonl.gz, so that "
+                        "distillation can use exactly the teacher's mixture")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=4096)
     # model
@@ -118,6 +129,32 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+KEY_NAMES = ("pass key", "secret code", "magic number", "access number", "lucky number", "ticket number")
+
+
+def retrieval_documents(texts: list[str], n: int, seed: int, min_chars: int = 600,
+                        max_chars: int = 7000) -> list[str]:
+    """Synthetic documents that teach in-context retrieval: a key stated at a random depth inside a real
+    excerpt of the corpus, asked for at the end (the answer is the key). Several key names and two phrasings,
+    so the teacher learns to look back, not one template."""
+    rng = random.Random(seed + 1)
+    docs = []
+    long_texts = [t for t in texts if len(t) > max_chars // 2]
+    for _ in range(n):
+        src = rng.choice(long_texts)
+        size = rng.randint(min_chars, min(max_chars, len(src)))
+        start = rng.randint(0, len(src) - size)
+        body = src[start:start + size]
+        name, key = rng.choice(KEY_NAMES), rng.randint(1, 50000)
+        info = rng.choice((f"The {name} is {key}. Remember it. {key} is the {name}.",
+                           f"Note: the {name} is {key}."))
+        cut = rng.randint(0, len(body))
+        nl = body.rfind("\n", 0, cut)
+        cut = nl + 1 if nl >= 0 else cut
+        docs.append(f"{body[:cut]}{info}\n{body[cut:]}\nWhat is the {name}? The {name} is {key}.")
+    return docs
 
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -193,7 +230,7 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor, batch_size: int = 8) ->
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        x = data[i : i + batch_size]
+        x = data[i : i + batch_size].to(next(model.parameters()).device)
         logits = model(input_ids=x).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
@@ -213,10 +250,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
     t0 = time.perf_counter()
     train_texts = read_documents(args.train)
     val_texts = read_documents(args.validation)
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        args.vocab_size = len(tokenizer)
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    if args.retrieval_docs:
+        train_texts = train_texts + retrieval_documents(train_texts, args.retrieval_docs, args.seed)
+        random.Random(args.seed).shuffle(train_texts)
+    if args.mixture_out is not None:
+        args.mixture_out.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(args.mixture_out, "wt", encoding="utf-8") as f:
+            for i, text in enumerate(train_texts):
+                f.write(json.dumps({"id": i, "text": text}) + "\n")
     train = pack(train_texts, tokenizer, args.seq_len)
     val = pack(val_texts, tokenizer, args.seq_len)
     if args.eval_tokens > 0:
@@ -226,8 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{train.numel():,} / {val.numel():,} packed tokens; tokenizer {time.perf_counter() - t0:.1f}s"
     )
 
-    model = build_model(args, tokenizer)
+    model = build_model(args, tokenizer).to(device)
     model.train()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2ForCausalLM: {n_params:,} parameters")
     optimizer = make_optimizer(model, args)
@@ -241,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        x = next(data)
-        loss = model(input_ids=x, labels=x).loss
+        x = next(data).to(device)
+        with autocast:
+            loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -269,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.eval()
+    model.to("cpu", dtype=getattr(torch, args.save_dtype))
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     summary = {
@@ -290,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         "heldout_perplexity": round(val_ppl, 3),
         "torch": torch.__version__,
         "threads": args.threads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "retrieval_docs": args.retrieval_docs,
     }
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved to {args.out}")

@@ -297,3 +297,14 @@ def test_fla_matches_torch_on_gpu(T):
         o_f, s_f = rwkv6_attention(*args, initial_state=x["s0"], backend="fla")
         o_t, s_t = rwkv6_attention(*args, initial_state=x["s0"], backend="torch")
     assert rms_rel(o_f, o_t) <= 1e-2 and rms_rel(s_f, s_t) <= 1e-2
+
+
+def test_torch_forms_ignore_bf16_autocast():
+    """Under bf16 autocast the PyTorch forms still compute in fp32 (same result as without autocast)."""
+    x = make_inputs(1, 100, 2, 16, seed=3)
+    args = [x[n] for n in ("r", "k", "v", "w", "u")]
+    ref, ref_s = rwkv6_attention(*args, initial_state=x["s0"], backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = rwkv6_attention(*args, initial_state=x["s0"], backend="torch")
+    torch.testing.assert_close(o, ref)
+    torch.testing.assert_close(s, ref_s)

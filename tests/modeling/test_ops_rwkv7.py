@@ -303,3 +303,19 @@ def test_fla_matches_torch_on_gpu(T):
         o_f, s_f = rwkv7_attention(*args, initial_state=x["s0"], backend="fla")
         o_t, s_t = rwkv7_attention(*args, initial_state=x["s0"], backend="torch")
     assert rms_rel(o_f, o_t) <= 1e-2 and rms_rel(s_f, s_t) <= 1e-2
+
+
+def test_torch_forms_ignore_bf16_autocast():
+    """Training on a GPU without fla (or on CPU with --set train.precision=bf16) runs under bf16 autocast:
+    the PyTorch forms must still compute in fp32 (triangular_solve has no bf16 kernel)."""
+    x = make_inputs(1, 100, 2, 16, seed=3)
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    ref, ref_s = rwkv7_attention(*args, initial_state=x["s0"], backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = rwkv7_attention(*args, initial_state=x["s0"], backend="torch")
+        o1, _ = rwkv7_attention(*[t[:, :1] for t in args], initial_state=x["s0"], backend="torch")
+    assert o.dtype == torch.float32
+    torch.testing.assert_close(o, ref)
+    torch.testing.assert_close(s, ref_s)
+    ref1, _ = rwkv7_attention(*[t[:, :1] for t in args], initial_state=x["s0"], backend="torch")
+    torch.testing.assert_close(o1, ref1)

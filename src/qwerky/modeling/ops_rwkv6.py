@@ -147,8 +147,10 @@ def rwkv6_attention(
                                "(pip install 'qwerky[gpu]') and a CUDA device")
         fn = fla["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]
         state = None if initial_state is None else initial_state.float()
+        k, v, w, u = (x.to(r.dtype) for x in (k, v, w, u))  # one dtype for the kernels (autocast mixes them)
         return fn(r, k, v, w, u, scale=scale, initial_state=state,  # type: ignore[operator]
                   output_final_state=output_final_state)
-    if backend == "naive" or T == 1:
-        return naive_recurrent_rwkv6(r, k, v, w, u, scale, initial_state, output_final_state)
-    return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state)
+    with torch.autocast(r.device.type, enabled=False):  # the PyTorch forms compute in fp32 under autocast too
+        if backend == "naive" or T == 1:
+            return naive_recurrent_rwkv6(r, k, v, w, u, scale, initial_state, output_final_state)
+        return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state)

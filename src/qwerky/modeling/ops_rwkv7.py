@@ -174,9 +174,14 @@ def rwkv7_attention(
                                "(pip install 'qwerky[gpu]') and a CUDA device")
         fn = _FLA["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]  # type: ignore[index]
         state = None if initial_state is None else initial_state.float()
+        # under autocast r/k/v arrive in bf16 while w/a/b may be fp32: the kernels want one dtype
+        w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
         o, s = fn(r, w, k, v, a, b, scale=scale, initial_state=state,  # type: ignore[operator]
                   output_final_state=output_final_state)
         return o, s
-    if backend == "naive" or T == 1:
-        return naive_recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state)
+    # the PyTorch forms run in fp32 whatever autocast says (triangular_solve has no bf16 kernel, and the
+    # state recursion needs the precision); outputs come back in v's dtype
+    with torch.autocast(r.device.type, enabled=False):
+        if backend == "naive" or T == 1:
+            return naive_recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state)
+        return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, as one prepared script (a borrowed GPU comes for minutes, not hours).
+#
+#   bash scripts/gpu_session.sh checks    # fla vs PyTorch parity and speed, the GPU tests, a short conversion
+#                                         # single-process and under torchrun + FSDP2 (NCCL, bf16), then
+#                                         # pre-trains the long-document teacher for issue 6
+#   bash scripts/gpu_session.sh distill   # issue 6 on that teacher: window baseline / RWKV-7 / window student
+#
+# Results (JSON, logs) go to $OUT (default /tmp/qwerky-gpu). Wheels in .whl/ (flash-linear-attention,
+# fla-core, transformers) are installed into /tmp/site first when present; nothing is downloaded.
+# LONG_STEPS / DISTILL_SCALE size the teacher's pre-training and the distillation budget.
+set -u
+OUT=${OUT:-/tmp/qwerky-gpu}
+WORK=${WORK:-/tmp/qwerky-work}
+mkdir -p "$OUT" "$WORK"
+if [ -d .whl ] && [ ! -d /tmp/site/fla ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD/src:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+CORPUS=src/qwerky/assets/corpus
+TEACHER=${TEACHER:-$WORK/long-teacher}
+DEVICE=${DEVICE:-cuda}
+LOG=$OUT/session.log
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure, log everything
+  local name=$1 limit=$2; shift 2
+  echo "== $(date +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  tail -n 25 "$LOG" | grep -v "^== " | sed 's/^/   /' | tr '\r' '\n' | tail -n 25
+}
+
+# the default recipe at ~1/4 of its tokens on the embedded teacher (append --out DIR)
+TINY=(-m qwerky convert --teacher src/qwerky/assets/teacher --data "$CORPUS"/python-docs-train.jsonl.gz
+  --heldout "$CORPUS"/python-docs-validation.jsonl.gz --overwrite
+  --set stage1.tokens=100000 --set stage2.tokens=200000 --set stage3.tokens=100000 --set stage4.tokens=50000
+  --set train.checkpoint_every=1000)
+
+case "${1:-checks}" in
+checks)
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
+  step gpu_tests 100 python3 -m pytest -q -p no:cacheprovider tests/modeling/test_ops_rwkv7.py \
+    tests/modeling/test_ops_rwkv6.py -k gpu
+  step gpu_check 170 python3 benchmarks/gpu_check.py --budget-s 100 --json "$OUT/gpu_check.json"
+  step long_teacher 190 python3 scripts/train_teacher.py --device cuda --tokenizer src/qwerky/assets/teacher \
+    --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
+    --retrieval-docs "${RETRIEVAL_DOCS:-3000}" --mixture-out "$TEACHER/mixture.jsonl.gz" \
+    --hidden-size 384 --layers 6 --heads 6 --kv-heads 2 --intermediate-size 1024 --seq-len 2048 \
+    --batch-size 32 --steps "${LONG_STEPS:-900}" --warmup-steps 30 --lr 2e-3 --time-budget 140 \
+    --save-dtype bfloat16 --out "$TEACHER"
+  cp "$TEACHER/training.json" "$OUT/long_teacher_training.json" 2>/dev/null
+  if [ -f "$TEACHER/config.json" ]; then  # bring the teacher back in parts of at most 15 MiB
+    tar -C "$WORK" --exclude mixture.jsonl.gz -cf - long-teacher | split -b 15M - "$OUT/long_teacher.tar.part-"
+  fi
+  step convert_1gpu 90 python3 "${TINY[@]}" --out "$WORK/tiny-1gpu"
+  step convert_fsdp 90 python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29555 \
+    "${TINY[@]}" --out "$WORK/tiny-fsdp"
+  python3 - "$WORK" "$OUT/convert_reports.json" <<'EOF' >>"$LOG" 2>&1
+import json, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+res = {}
+for name in ("tiny-1gpu", "tiny-fsdp"):
+    f = work / name / "report.json"
+    res[name] = json.loads(f.read_text()) if f.exists() else None
+out.write_text(json.dumps(res, indent=2))
+for name, r in res.items():
+    if r:
+        print(name, "quality", {k: round(v, 4) for k, v in r["quality"]["student"].items()},
+              "tok/s", [s.get("tokens_per_s") for s in r["stages"]])
+EOF
+  ;;
+distill)
+  scale=${DISTILL_SCALE:-1}
+  sets=()
+  for s in stage1 stage2 stage3 stage4; do
+    t=$(python3 -c "import yaml; r = yaml.safe_load(open('src/qwerky/recipes/long_context.yaml')); \
+print(int(r['$s']['tokens'] * $scale))")
+    sets+=(--set "$s.tokens=$t")
+  done
+  step window_student 560 python3 benchmarks/window_student.py --teacher "$TEACHER" \
+    --data "$TEACHER/mixture.jsonl.gz" --recipe long_context --device "$DEVICE" --work "$WORK" \
+    --samples 4 --json "$OUT/window_student_long.json" "${sets[@]}"
+  for m in rwkv7 window; do
+    cp "$WORK/qwerky-fidelity-$m/report.json" "$OUT/report_long_$m.json" 2>/dev/null
+  done
+  ;;
+esac
+ls -la "$OUT" | tee -a "$LOG"
