@@ -21,6 +21,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 CORPUS=src/qwerky/assets/corpus
 TEACHER=${TEACHER:-$WORK/long-teacher}
 DEVICE=${DEVICE:-cuda}
+MIXTURE=${MIXTURE:-$TEACHER/mixture.jsonl.gz}
 LOG=$OUT/session.log
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure, log everything
@@ -75,6 +76,14 @@ for name, r in res.items():
               "tok/s", [s.get("tokens_per_s") for s in r["stages"]])
 EOF
   ;;
+final)  # second loan of the first session: bf16-only kernel parity + speed, then issue 6 with the torch kernels
+  GPU_CHECK_NO_FLA_F32=1 step gpu_check_bf16 100 python3 benchmarks/gpu_check.py --sections env kernels speed \
+    --autotune-configs 1 --budget-s 80 --json "$OUT/gpu_check_bf16.json"
+  python3 scripts/train_teacher.py --mixture-only --tokenizer src/qwerky/assets/teacher \
+    --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
+    --retrieval-docs "${RETRIEVAL_DOCS:-3000}" --mixture-out "$MIXTURE" >>"$LOG" 2>&1
+  QWERKY_KERNELS=torch DISTILL_SCALE=${DISTILL_SCALE:-0.3} DISTILL_LIMIT=${DISTILL_LIMIT:-210} bash "$0" distill
+  ;;
 distill)
   scale=${DISTILL_SCALE:-1}
   sets=()
@@ -83,8 +92,8 @@ distill)
 print(int(r['$s']['tokens'] * $scale))")
     sets+=(--set "$s.tokens=$t")
   done
-  step window_student 560 python3 benchmarks/window_student.py --teacher "$TEACHER" \
-    --data "$TEACHER/mixture.jsonl.gz" --recipe long_context --device "$DEVICE" --work "$WORK" \
+  step window_student "${DISTILL_LIMIT:-560}" python3 benchmarks/window_student.py --teacher "$TEACHER" \
+    --data "$MIXTURE" --recipe long_context --device "$DEVICE" --work "$WORK" \
     --samples 4 --json "$OUT/window_student_long.json" "${sets[@]}"
   for m in rwkv7 window; do
     cp "$WORK/qwerky-fidelity-$m/report.json" "$OUT/report_long_$m.json" 2>/dev/null

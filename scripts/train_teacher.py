@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixture-out", type=Path, default=None,
                    help="write the training texts (synthetic documents included) here as .jsonl.gz, so that "
                         "distillation can use exactly the teacher's mixture")
+    p.add_argument("--mixture-only", action="store_true",
+                   help="write --mixture-out and exit (the mixture is deterministic from --seed and the corpus)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -270,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         with gzip.open(args.mixture_out, "wt", encoding="utf-8") as f:
             for i, text in enumerate(train_texts):
                 f.write(json.dumps({"id": i, "text": text}) + "\n")
+        if args.mixture_only:
+            print(f"wrote {len(train_texts)} documents to {args.mixture_out}")
+            return
     train = pack(train_texts, tokenizer, args.seq_len)
     val = pack(val_texts, tokenizer, args.seq_len)
     if args.eval_tokens > 0:

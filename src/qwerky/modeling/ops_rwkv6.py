@@ -18,6 +18,8 @@ This file is copied into every exported model folder: it must import nothing fro
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -140,6 +142,8 @@ def rwkv6_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla kernels on CUDA when installed; else chunked PyTorch (T > 1) or the step form (T == 1)."""
     T = r.shape[1]
+    if backend == "auto":  # QWERKY_KERNELS=torch forces the PyTorch forms
+        backend = os.environ.get("QWERKY_KERNELS", "auto")
     fla = _fla()
     if backend == "fla" or (backend == "auto" and r.is_cuda and fla):
         if not fla:

@@ -20,6 +20,8 @@ This file is copied into every exported model folder: it must import nothing fro
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -167,6 +169,8 @@ def rwkv7_attention(
     backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive".
     """
     T = r.shape[1]
+    if backend == "auto":  # QWERKY_KERNELS=torch forces the PyTorch forms (e.g. while Triton cannot compile)
+        backend = os.environ.get("QWERKY_KERNELS", "auto")
     use_fla = backend == "fla" or (backend == "auto" and r.is_cuda and fla_available())
     if use_fla:
         if not fla_available():
