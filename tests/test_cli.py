@@ -83,3 +83,18 @@ def test_existing_output_needs_overwrite(teacher_dir: Path, tmp_path: Path) -> N
     (out / "x").write_text("1")
     assert "exists and is not empty" in _error(["convert", "--teacher", str(teacher_dir), "--stages", "0",
                                                 "--out", str(out)])
+
+
+def test_cli_works_without_serving_extras(teacher_dir: Path, tmp_path: Path) -> None:
+    """A GPU box with only torch/transformers must still convert: FastAPI is needed by `serve` alone."""
+    code = ("import sys; sys.modules['fastapi'] = None\n"
+            "from qwerky.cli import main\n"
+            f"rc = main(['convert', '--teacher', {str(teacher_dir)!r}, '--out', {str(tmp_path / 's')!r}, "
+            "'--stages', '0', '--no-eval'])\n"
+            "assert rc == 0, rc\n"
+            "sys.exit(main(['serve', 'somewhere']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "qwerky serve needs the Python package 'fastapi'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "s" / "config.json").exists()

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder for the converted model")
     c.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.jsonl.gz/.parquet files or saved datasets")
     c.add_argument("--heldout", nargs="*", default=[], help="held-out text for evaluation (default: a split of --data)")
-    c.add_argument("--recipe", default="default", help="built-in recipe name (default, published) or a YAML path")
+    c.add_argument("--recipe", default="default",
+                   help="built-in recipe name (default, long_context, published) or a YAML path")
     c.add_argument("--stages", type=_stages, default=[1, 2, 3, 4], help="0 = weight transfer only; default 1,2,3,4")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe field, e.g. stage2.tokens=2e5")
@@ -166,16 +167,26 @@ def _optional_subcommands(sub: argparse._SubParsersAction) -> None:
             sp = sub.add_parser(name, help=helptext)
             getattr(eval_cli, f"add_{name}_arguments")(sp)
             sp.set_defaults(func=getattr(eval_cli, f"{name}_main"))
-    try:
-        from qwerky import serve as serve_pkg
+    from qwerky import serve as serve_pkg
 
-        add = serve_pkg.add_serve_arguments
-        run = serve_pkg.serve_main
-    except (ImportError, AttributeError):
-        return
     sp = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching")
-    add(sp)
-    sp.set_defaults(func=run)
+    try:
+        serve_pkg.add_serve_arguments(sp)  # imports FastAPI
+    except ImportError as exc:  # every other command must work without the serving extras (e.g. on a GPU box)
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_needs_package("serve", exc))
+        return
+    sp.set_defaults(func=serve_pkg.serve_main)
+
+
+def _needs_package(command: str, exc: ImportError):  # noqa: ANN202 - an argparse handler
+    def handler(_args: argparse.Namespace) -> int:
+        from qwerky.teacher import QwerkyError
+
+        raise QwerkyError(f"qwerky {command} needs the Python package {exc.name!r}, which is not installed: "
+                          f"pip install {exc.name} (or reinstall qwerky with its dependencies)")
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -319,3 +319,16 @@ def test_torch_forms_ignore_bf16_autocast():
     torch.testing.assert_close(s, ref_s)
     ref1, _ = rwkv7_attention(*[t[:, :1] for t in args], initial_state=x["s0"], backend="torch")
     torch.testing.assert_close(o1, ref1)
+
+
+def test_qwerky_kernels_env_selects_backend(monkeypatch):
+    """QWERKY_KERNELS overrides the automatic choice (e.g. =torch while Triton cannot compile)."""
+    x = make_inputs(1, 20, 2, 8, seed=4)
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    monkeypatch.setattr(ops_rwkv7, "_FLA", {})  # fla not importable
+    monkeypatch.setenv("QWERKY_KERNELS", "fla")
+    with pytest.raises(RuntimeError, match="needs flash-linear-attention"):
+        rwkv7_attention(*args)
+    monkeypatch.setenv("QWERKY_KERNELS", "torch")
+    o, _ = rwkv7_attention(*args)
+    torch.testing.assert_close(o, rwkv7_attention(*args, backend="torch")[0])

@@ -17,7 +17,7 @@ def test_builtin_recipes_load_and_validate(name: str) -> None:
 
 
 def test_builtins_present() -> None:
-    assert {"default", "published"} <= set(builtin_recipes())
+    assert {"default", "published", "long_context"} <= set(builtin_recipes())
 
 
 def test_overrides_are_typed() -> None:
