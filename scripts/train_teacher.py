@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda trains under bf16 autocast)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="reuse this folder's tokenizer instead of training one (e.g. the embedded teacher's)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from this teacher's weights (and tokenizer) instead of a random initialisation")
+    p.add_argument("--retrieval-chars", type=int, nargs=2, default=[600, 7000], metavar=("MIN", "MAX"),
+                   help="length range of a retrieval document's excerpt, in characters")
     p.add_argument("--retrieval-docs", type=int, default=0,
                    help="add this many synthetic retrieval documents (a key stated inside real text, asked for at "
                         "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     train_texts = read_documents(args.train)
     val_texts = read_documents(args.validation)
+    if args.init_from is not None and args.tokenizer is None:
+        args.tokenizer = args.init_from
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -265,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tokenizer = train_tokenizer(train_texts, args.vocab_size)
     if args.retrieval_docs:
-        train_texts = train_texts + retrieval_documents(train_texts, args.retrieval_docs, args.seed)
+        train_texts = train_texts + retrieval_documents(train_texts, args.retrieval_docs, args.seed,
+                                                        *args.retrieval_chars)
         random.Random(args.seed).shuffle(train_texts)
     if args.mixture_out is not None:
         args.mixture_out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{train.numel():,} / {val.numel():,} packed tokens; tokenizer {time.perf_counter() - t0:.1f}s"
     )
 
-    model = build_model(args, tokenizer).to(device)
+    if args.init_from is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(device)
+    else:
+        model = build_model(args, tokenizer).to(device)
     model.train()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
