@@ -24,6 +24,15 @@ def student(request: pytest.FixtureRequest):
 
 def test_batched_greedy_matches_generate(student) -> None:
     """Rows join and leave at different times (max_concurrent 3 < 4 prompts, different max_tokens)."""
+    _check_batched_greedy(student)
+
+
+def test_hybrid_student_batched_greedy_matches_generate() -> None:
+    """A hybrid (layer 1 keeps the teacher's attention, with its own growing KV cache) serves the same way."""
+    _check_batched_greedy(convert_teacher(tiny_teacher("qwen2"), mixer="rwkv7", attention_layers=[1]))
+
+
+def _check_batched_greedy(student) -> None:
     prompts = _prompts([5, 23, 70, 150])
     max_new = [12, 6, 9, 10]
     refs = []
