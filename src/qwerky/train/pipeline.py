@@ -27,7 +27,15 @@ from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
 from .loop import JsonlLog, run_stage
 from .parallel import DistInfo, barrier, cleanup, init_distributed, shard_student, shard_teacher
 from .recipe import Recipe
-from .stages import STAGE_NAMES, TeacherTaps, add_mlp_lora, make_loss_fn, merge_lora, trainable_parameters
+from .stages import (
+    STAGE_NAMES,
+    TeacherTaps,
+    add_mlp_lora,
+    make_loss_fn,
+    merge_lora,
+    optimizer_groups,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +237,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         try:
             summary = run_stage(stage, spec, params, make_loss_fn(stage, spec, student, teacher, taps), batches, info,
                                 logger, save, recipe.train.checkpoint_every, autocast, stage_resume,
-                                STAGE_NAMES[stage])
+                                STAGE_NAMES[stage], optimizer_groups(student, params, spec))
         finally:
             if taps is not None:
                 taps.remove()

@@ -55,6 +55,8 @@ class StageSpec:
     loss: str = "kl"  # stage 1: align; stages 2-3: kl; stage 4: kl | ce
     lora_rank: int = 0  # stage 3: >0 trains LoRA adapters on the MLPs instead of full MLP weights
     logits_chunk: int = 128  # sequence positions per chunk of the vocabulary-sized KL
+    gate_lr_scale: float = 1.0  # window mixer: lr multiplier for branch_gate / window_scale (zero-init gates
+    #                             move slowly under Adam at the lr that suits the other weights)
 
 
 @dataclass

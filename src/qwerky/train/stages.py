@@ -52,6 +52,23 @@ def trainable_parameters(stage: int, student: nn.Module, spec: StageSpec) -> lis
     return params
 
 
+GATE_PARAMETERS = ("branch_gate", "window_scale")
+
+
+def optimizer_groups(student: nn.Module, params: list[nn.Parameter], spec: StageSpec) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the window mixer's gates get `spec.gate_lr_scale` times the stage lr."""
+    if spec.gate_lr_scale == 1.0:
+        return [{"params": params}]
+    wanted = {id(p) for p in params}
+    gates = [p for n, p in student.named_parameters() if id(p) in wanted and n.rsplit(".", 1)[-1] in GATE_PARAMETERS]
+    gate_ids = {id(p) for p in gates}
+    rest = [p for p in params if id(p) not in gate_ids]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if gates:
+        groups.append({"params": gates, "lr": spec.lr * spec.gate_lr_scale})
+    return groups
+
+
 class TeacherTaps:
     """Forward hooks on the teacher's attention modules: their inputs, RoPE and outputs (stage 1 targets)."""
 
