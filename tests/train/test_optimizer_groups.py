@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from qwerky_testing import tiny_teacher
-
 from qwerky.surgery import convert_teacher
 from qwerky.train.recipe import StageSpec
 from qwerky.train.stages import optimizer_groups, trainable_parameters
+from qwerky_testing import tiny_teacher
 
 
 def test_gate_parameters_get_scaled_lr() -> None:
