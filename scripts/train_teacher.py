@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from this teacher's weights (and tokenizer) instead of a random initialisation")
     p.add_argument("--retrieval-chars", type=int, nargs=2, default=[600, 7000], metavar=("MIN", "MAX"),
                    help="length range of a retrieval document's excerpt, in characters")
+    p.add_argument("--retrieval-facts", type=int, default=1,
+                   help="keys stated (and asked for) per retrieval document")
     p.add_argument("--retrieval-docs", type=int, default=0,
                    help="add this many synthetic retrieval documents (a key stated inside real text, asked for at "
                         "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
@@ -141,10 +143,11 @@ KEY_NAMES = ("pass key", "secret code", "magic number", "access number", "lucky 
 
 
 def retrieval_documents(texts: list[str], n: int, seed: int, min_chars: int = 600,
-                        max_chars: int = 7000) -> list[str]:
+                        max_chars: int = 7000, facts: int = 1) -> list[str]:
     """Synthetic documents that teach in-context retrieval: a key stated at a random depth inside a real
     excerpt of the corpus, asked for at the end (the answer is the key). Several key names and two phrasings,
-    so the teacher learns to look back, not one template."""
+    so the teacher learns to look back, not one template. With `facts` > 1, that many keys (distinct names)
+    are stated and all are asked for, in another order: more copying per document."""
     rng = random.Random(seed + 1)
     docs = []
     long_texts = [t for t in texts if len(t) > max_chars // 2]
@@ -153,14 +156,34 @@ def retrieval_documents(texts: list[str], n: int, seed: int, min_chars: int = 60
         size = rng.randint(min_chars, min(max_chars, len(src)))
         start = rng.randint(0, len(src) - size)
         body = src[start:start + size]
+        if facts > 1:
+            docs.append(_many_facts(body, rng, min(facts, len(KEY_NAMES))))
+            continue
         name, key = rng.choice(KEY_NAMES), rng.randint(1, 50000)
         info = rng.choice((f"The {name} is {key}. Remember it. {key} is the {name}.",
                            f"Note: the {name} is {key}."))
-        cut = rng.randint(0, len(body))
-        nl = body.rfind("\n", 0, cut)
-        cut = nl + 1 if nl >= 0 else cut
+        cut = _line_start(body, rng.randint(0, len(body)))
         docs.append(f"{body[:cut]}{info}\n{body[cut:]}\nWhat is the {name}? The {name} is {key}.")
     return docs
+
+
+def _line_start(body: str, cut: int) -> int:
+    nl = body.rfind("\n", 0, cut)
+    return nl + 1 if nl >= 0 else cut
+
+
+def _many_facts(body: str, rng: random.Random, facts: int) -> str:
+    names = rng.sample(KEY_NAMES, facts)
+    keys = [rng.randint(1, 50000) for _ in names]
+    cuts = sorted(_line_start(body, rng.randint(0, len(body))) for _ in names)
+    parts, last = [], 0
+    for cut, name, key in zip(cuts, names, keys):
+        parts += [body[last:cut], f"The {name} is {key}.\n"]
+        last = cut
+    parts.append(body[last:])
+    order = rng.sample(range(facts), facts)
+    questions = "".join(f"\nWhat is the {names[i]}? The {names[i]} is {keys[i]}." for i in order)
+    return "".join(parts) + questions
 
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -272,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = train_tokenizer(train_texts, args.vocab_size)
     if args.retrieval_docs:
         train_texts = train_texts + retrieval_documents(train_texts, args.retrieval_docs, args.seed,
-                                                        *args.retrieval_chars)
+                                                        *args.retrieval_chars, facts=args.retrieval_facts)
         random.Random(args.seed).shuffle(train_texts)
     if args.mixture_out is not None:
         args.mixture_out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,3 +32,14 @@ def test_retrieval_documents_state_the_key_before_asking_for_it() -> None:
         stated = re.search(rf"[Tt]he {name} is {key}\.", doc)
         assert stated and stated.start() < question.start()  # the answer is only recoverable by looking back
     assert len(names) > 1  # several key names, not one template
+
+
+def test_many_facts_are_all_stated_and_asked() -> None:
+    tt = _script()
+    texts = [f"line of document {d}\n" * 400 for d in range(5)]
+    for doc in tt.retrieval_documents(texts, 10, seed=1, min_chars=300, max_chars=3000, facts=4):
+        asked = re.findall(r"\nWhat is the ([a-z ]+)\? The \1 is (\d+)\.", doc)
+        assert len(asked) == 4 and len({name for name, _ in asked}) == 4
+        first_question = doc.index("\nWhat is the")
+        for name, key in asked:
+            assert doc.index(f"The {name} is {key}.") < first_question
