@@ -9,8 +9,10 @@
 #
 # Results (JSON, logs) go to $OUT (default /tmp/qwerky-gpu). Wheels in .whl/ (flash-linear-attention,
 # fla-core, transformers) are installed into /tmp/site first when present; nothing is downloaded.
-# Knobs: LONG_STEPS / RETRIEVAL_DOCS (teacher), DISTILL_SCALE / DISTILL_LIMIT (distillation budget and time
-# limit), QWERKY_KERNELS=torch (skip Triton in the distillation), TEACHER / MIXTURE (reuse a teacher).
+# Knobs: LONG_STEPS / RETRIEVAL_DOCS / COPY_STEPS (teacher; the first COPY_STEPS steps train induction
+# heads on random-token copy rows: no teacher trained on text alone could copy a pass key even in its own
+# context), DISTILL_SCALE / DISTILL_LIMIT (distillation budget and time limit), QWERKY_KERNELS=torch (skip
+# Triton in the distillation), TEACHER / MIXTURE (reuse a teacher).
 #
 # Learned on the first loan (2026-11-26, H100, docs/gpu.md): fla's fp32 kernels compiled and autotuned for
 # over 160 s before their first result, so parity runs in bf16 with autotuning capped to one config; the
@@ -54,11 +56,12 @@ checks)
 transformers.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
   GPU_CHECK_NO_FLA_F32=1 step gpu_check 150 python3 benchmarks/gpu_check.py --autotune-configs 1 \
     --budget-s 120 --json "$OUT/gpu_check.json"
-  step long_teacher 220 python3 scripts/train_teacher.py --device cuda --tokenizer src/qwerky/assets/teacher \
+  step long_teacher 280 python3 scripts/train_teacher.py --device cuda --tokenizer src/qwerky/assets/teacher \
     --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
     --retrieval-docs "${RETRIEVAL_DOCS:-8000}" --mixture-out "$MIXTURE" \
+    --copy-warmup-steps "${COPY_STEPS:-3000}" --copy-fraction 0.1 \
     --hidden-size 384 --layers 6 --heads 6 --kv-heads 2 --intermediate-size 1024 --seq-len 2048 \
-    --batch-size 32 --steps "${LONG_STEPS:-2000}" --warmup-steps 30 --lr 2e-3 --time-budget 170 \
+    --batch-size 32 --steps "${LONG_STEPS:-5000}" --warmup-steps 30 --lr 2e-3 --time-budget 230 \
     --save-dtype bfloat16 --out "$TEACHER"
   cp "$TEACHER/training.json" "$OUT/long_teacher_training.json" 2>/dev/null
   if [ -f "$TEACHER/config.json" ]; then  # bring the teacher back in parts of at most 15 MiB

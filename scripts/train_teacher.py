@@ -65,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrieval-docs", type=int, default=0,
                    help="add this many synthetic retrieval documents (a key stated inside real text, asked for at "
                         "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
+    p.add_argument("--copy-fraction", type=float, default=0.0,
+                   help="fraction of each batch's rows replaced by fresh random-token runs, each repeated once "
+                        "(e.g. 0.25): they make induction heads, and so in-context copying and retrieval, form "
+                        "within a few hundred steps; a small teacher trained on text alone never gets them")
+    p.add_argument("--copy-warmup-steps", type=int, default=0,
+                   help="train the first N steps (of --steps) on copy rows alone, at min(seq_len, 256) tokens: "
+                        "induction heads form there in a few hundred steps, while mixed in at --copy-fraction "
+                        "0.25 they had not formed after 400 steps")
     p.add_argument("--mixture-out", type=Path, default=None,
                    help="write the training texts (synthetic documents included) here as .jsonl.gz, so that "
                         "distillation can use exactly the teacher's mixture")
@@ -233,6 +241,42 @@ def batches(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Te
             yield data[order[i : i + batch_size]]
 
 
+def copy_rows(n: int, seq_len: int, vocab_size: int, gen: torch.Generator, eos: int,
+              min_run: int = 8, max_run: int = 128) -> torch.Tensor:
+    """``[n, seq_len]`` rows of random-token runs, each run followed by itself and an eos.
+
+    The second copy of a run can only be predicted by finding the first one, so these rows train the
+    induction heads that copying needs. Measured on the embedded teacher: with such rows, loss on the second
+    copy fell from 8.3 (chance) to 1.7 in 500 steps; with runs of real words repeated as text, 400 steps
+    moved it only from 5.3 to 4.8, and the teacher still could not repeat a pass key. Fresh runs every batch,
+    so the rows cannot be memorised instead."""
+    rows = torch.full((n, seq_len), eos, dtype=torch.long)
+    max_run = max(1, min(max_run, (seq_len - 1) // 2))
+    min_run = min(min_run, max_run)
+    for row in rows:
+        pos = 0
+        while pos < seq_len:
+            run_len = int(torch.randint(min_run, max_run + 1, (1,), generator=gen))
+            run = torch.randint(1, vocab_size, (run_len,), generator=gen)
+            run = run.masked_fill(run == eos, eos + 1 if eos + 1 < vocab_size else eos - 1)
+            block = torch.cat([run, run, torch.tensor([eos])])[: seq_len - pos]
+            row[pos : pos + len(block)] = block
+            pos += len(block)
+    return rows
+
+
+def with_copy_rows(data: Iterator[torch.Tensor], fraction: float, vocab_size: int, eos: int,
+                   seed: int) -> Iterator[torch.Tensor]:
+    """Replace ``round(fraction * batch)`` rows of each batch (at least one when fraction > 0) by copy rows."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    for x in data:
+        n = max(1, round(fraction * len(x))) if fraction > 0 else 0
+        if n:
+            x = x.clone()
+            x[:n] = copy_rows(n, x.shape[1], vocab_size, gen, eos)
+        yield x
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -272,6 +316,8 @@ def evaluate(model: torch.nn.Module, data: torch.Tensor, batch_size: int = 8) ->
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not 0.0 <= args.copy_fraction < 1.0:
+        raise SystemExit(f"--copy-fraction must be in [0, 1), got {args.copy_fraction}")
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -330,13 +376,20 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.measure_steps or args.steps
 
     data = batches(train, args.batch_size, args.seed)
+    copy_gen = torch.Generator().manual_seed(args.seed + 4)
+    if args.copy_fraction:
+        data = with_copy_rows(data, args.copy_fraction, len(tokenizer), tokenizer.eos_token_id, args.seed)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        x = next(data).to(device)
+        if step < args.copy_warmup_steps:
+            x = copy_rows(args.batch_size, min(args.seq_len, 256), len(tokenizer), copy_gen,
+                          tokenizer.eos_token_id).to(device)
+        else:
+            x = next(data).to(device)
         with autocast:
             loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
@@ -389,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "retrieval_docs": args.retrieval_docs,
+        "copy_fraction": args.copy_fraction,
+        "copy_warmup_steps": args.copy_warmup_steps,
     }
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved to {args.out}")

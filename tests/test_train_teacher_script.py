@@ -43,3 +43,72 @@ def test_many_facts_are_all_stated_and_asked() -> None:
         first_question = doc.index("\nWhat is the")
         for name, key in asked:
             assert doc.index(f"The {name} is {key}.") < first_question
+
+
+def test_copy_rows_repeat_each_random_run_once_then_eos() -> None:
+    import torch
+
+    tt = _script()
+    eos, vocab = 0, 50
+    rows = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=20)
+    assert rows.shape == (3, 200)
+    for row in rows.tolist():
+        blocks = []
+        cur: list[int] = []
+        for t in row:
+            if t == eos:
+                blocks.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        assert len(blocks) > 3
+        for block in blocks:  # every complete block is a run followed by the same run
+            half = len(block) // 2
+            assert len(block) % 2 == 0 and 4 <= half <= 20 and block[:half] == block[half:], block
+    again = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=20)
+    assert torch.equal(rows, again)  # seeded
+
+
+def test_with_copy_rows_replaces_only_the_asked_fraction_with_fresh_runs() -> None:
+    import torch
+
+    tt = _script()
+    data = iter([torch.full((8, 64), 7), torch.full((8, 64), 7)])
+    first, second = list(tt.with_copy_rows(data, 0.25, 100, 0, seed=0))
+    assert (first[2:] == 7).all() and not (first[:2] == 7).all()
+    assert not torch.equal(first[:2], second[:2])  # a fresh draw each batch: nothing to memorise
+    assert list(tt.with_copy_rows(iter([torch.full((4, 8), 7)]), 0.0, 100, 0, seed=0))[0].eq(7).all()
+
+
+def _tiny_corpus(tmp_path: Path) -> list[str]:
+    import gzip
+    import json
+
+    docs = [" ".join(f"word{(d * 7 + i) % 50} is {i}." for i in range(60)) for d in range(12)]
+    for name in ("train", "val"):
+        with gzip.open(tmp_path / f"{name}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    return ["--train", str(tmp_path / "train.jsonl.gz"), "--validation", str(tmp_path / "val.jsonl.gz"),
+            "--tokenizer", str(Path(__file__).resolve().parents[1] / "src" / "qwerky" / "assets" / "teacher"),
+            "--hidden-size", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
+            "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "1"]
+
+
+def test_copy_warmup_then_mixed_copy_rows_train_and_are_recorded(tmp_path: Path) -> None:
+    import json
+
+    tt = _script()
+    out = tmp_path / "teacher"
+    tt.main(_tiny_corpus(tmp_path) + ["--steps", "4", "--copy-warmup-steps", "2", "--copy-fraction", "0.25",
+                                      "--out", str(out)])
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["steps"] == 4 and summary["copy_warmup_steps"] == 2 and summary["copy_fraction"] == 0.25
+    assert (out / "model.safetensors").exists()
+
+
+def test_copy_fraction_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    tt = _script()
+    with pytest.raises(SystemExit, match="--copy-fraction must be in"):
+        tt.main(_tiny_corpus(tmp_path) + ["--steps", "2", "--copy-fraction", "1.5", "--out", str(tmp_path / "t")])
