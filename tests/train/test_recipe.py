@@ -16,6 +16,16 @@ def test_builtin_recipes_load_and_validate(name: str) -> None:
     assert recipe.stage1.loss == "align" and recipe.stage2.loss == "kl"
 
 
+BENCH_RECIPES = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCH_RECIPES, ids=lambda p: p.name)
+def test_benchmark_recipes_load_and_validate(path: Path) -> None:
+    recipe = load_recipe(str(path))
+    assert recipe.name == path.stem
+    assert recipe.stage1.loss == "align" and recipe.stage2.loss == "kl"
+
+
 def test_builtins_present() -> None:
     assert {"default", "published", "long_context"} <= set(builtin_recipes())
 
