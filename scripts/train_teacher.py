@@ -67,12 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
     p.add_argument("--copy-fraction", type=float, default=0.0,
                    help="fraction of each batch's rows replaced by fresh random-token runs, each repeated once "
-                        "(e.g. 0.25): they make induction heads, and so in-context copying and retrieval, form "
-                        "within a few hundred steps; a small teacher trained on text alone never gets them")
+                        "(e.g. 0.1), to keep the induction heads that --copy-warmup-steps grows; a small teacher "
+                        "trained on text alone never gets them")
     p.add_argument("--copy-warmup-steps", type=int, default=0,
-                   help="train the first N steps (of --steps) on copy rows alone, at min(seq_len, 256) tokens: "
-                        "induction heads form there in a few hundred steps, while mixed in at --copy-fraction "
-                        "0.25 they had not formed after 400 steps")
+                   help="train the first N steps (of --steps) on copy rows alone, at min(seq_len, 128) tokens: "
+                        "measured from the embedded teacher, induction heads broke out of the chance plateau "
+                        "after about 850 such steps (use >= 1500); mixed in at --copy-fraction 0.25 they had "
+                        "not formed after 400 steps")
     p.add_argument("--mixture-out", type=Path, default=None,
                    help="write the training texts (synthetic documents included) here as .jsonl.gz, so that "
                         "distillation can use exactly the teacher's mixture")
@@ -242,16 +243,17 @@ def batches(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Te
 
 
 def copy_rows(n: int, seq_len: int, vocab_size: int, gen: torch.Generator, eos: int,
-              min_run: int = 8, max_run: int = 128) -> torch.Tensor:
-    """``[n, seq_len]`` rows of random-token runs, each run followed by itself and an eos.
+              min_run: int = 6, max_run: int = 24, copies: int = 4) -> torch.Tensor:
+    """``[n, seq_len]`` rows of short random-token runs, each written ``copies`` times, then an eos.
 
-    The second copy of a run can only be predicted by finding the first one, so these rows train the
-    induction heads that copying needs. Measured on the embedded teacher: with such rows, loss on the second
-    copy fell from 8.3 (chance) to 1.7 in 500 steps; with runs of real words repeated as text, 400 steps
-    moved it only from 5.3 to 4.8, and the teacher still could not repeat a pass key. Fresh runs every batch,
-    so the rows cannot be memorised instead."""
+    Every copy after the first can only be predicted by finding an earlier one, so these rows train the
+    induction heads that copying (and so retrieval) needs. Measured from the embedded teacher on the CPU
+    (docs/window_student.md): with runs of 6-24 tokens written 4 times, loss broke from chance (8.3) to 4.6
+    within 1,000 steps; with runs of 8-127 tokens written twice it stayed at chance for 1,000 steps. Run
+    lengths vary because a fixed offset is learned as a positional shortcut instead. Fresh runs every batch,
+    so that they cannot be memorised."""
     rows = torch.full((n, seq_len), eos, dtype=torch.long)
-    max_run = max(1, min(max_run, (seq_len - 1) // 2))
+    max_run = max(1, min(max_run, (seq_len - 1) // copies))
     min_run = min(min_run, max_run)
     for row in rows:
         pos = 0
@@ -259,7 +261,7 @@ def copy_rows(n: int, seq_len: int, vocab_size: int, gen: torch.Generator, eos: 
             run_len = int(torch.randint(min_run, max_run + 1, (1,), generator=gen))
             run = torch.randint(1, vocab_size, (run_len,), generator=gen)
             run = run.masked_fill(run == eos, eos + 1 if eos + 1 < vocab_size else eos - 1)
-            block = torch.cat([run, run, torch.tensor([eos])])[: seq_len - pos]
+            block = torch.cat([run] * copies + [torch.tensor([eos])])[: seq_len - pos]
             row[pos : pos + len(block)] = block
             pos += len(block)
     return rows
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         if step < args.copy_warmup_steps:
-            x = copy_rows(args.batch_size, min(args.seq_len, 256), len(tokenizer), copy_gen,
+            x = copy_rows(args.batch_size, min(args.seq_len, 128), len(tokenizer), copy_gen,
                           tokenizer.eos_token_id).to(device)
         else:
             x = next(data).to(device)

@@ -45,13 +45,14 @@ def test_many_facts_are_all_stated_and_asked() -> None:
             assert doc.index(f"The {name} is {key}.") < first_question
 
 
-def test_copy_rows_repeat_each_random_run_once_then_eos() -> None:
+def test_copy_rows_write_each_random_run_several_times_then_eos() -> None:
     import torch
 
     tt = _script()
     eos, vocab = 0, 50
-    rows = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=20)
+    rows = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=12, copies=3)
     assert rows.shape == (3, 200)
+    lengths = set()
     for row in rows.tolist():
         blocks = []
         cur: list[int] = []
@@ -62,10 +63,12 @@ def test_copy_rows_repeat_each_random_run_once_then_eos() -> None:
             else:
                 cur.append(t)
         assert len(blocks) > 3
-        for block in blocks:  # every complete block is a run followed by the same run
-            half = len(block) // 2
-            assert len(block) % 2 == 0 and 4 <= half <= 20 and block[:half] == block[half:], block
-    again = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=20)
+        for block in blocks:  # every complete block is one run written three times
+            n = len(block) // 3
+            assert len(block) % 3 == 0 and 4 <= n <= 12 and block == block[:n] * 3, block
+            lengths.add(n)
+    assert len(lengths) > 2  # varied lengths: no fixed offset to learn instead of copying
+    again = tt.copy_rows(3, 200, vocab, torch.Generator().manual_seed(0), eos, min_run=4, max_run=12, copies=3)
     assert torch.equal(rows, again)  # seeded
 
 
