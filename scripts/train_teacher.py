@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2ForCausalLM: {n_params:,} parameters")
     optimizer = make_optimizer(model, args)
-    tokens_per_step = args.batch_size * args.seq_len
+    tokens_seen = 0  # copy warm-up rows are shorter than --seq-len, so count what was trained on
     steps = args.measure_steps or args.steps
 
     data = batches(train, args.batch_size, args.seed)
@@ -399,8 +399,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         losses.append(loss.item())
+        tokens_seen += x.numel()
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(step + 1) * tokens_per_step / elapsed:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         if args.stop_at_step and step + 1 >= args.stop_at_step:
             break
         if args.time_budget and elapsed > args.time_budget:
@@ -408,7 +409,6 @@ def main(argv: list[str] | None = None) -> None:
             break
     train_time = time.perf_counter() - start
     steps_done = len(losses)
-    tokens_seen = steps_done * tokens_per_step
     print(f"{tokens_seen:,} tokens in {train_time:.0f}s ({tokens_seen / train_time:.0f} tokens/s)")
     if args.measure_steps:
         return

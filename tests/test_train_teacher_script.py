@@ -103,9 +103,10 @@ def test_copy_warmup_then_mixed_copy_rows_train_and_are_recorded(tmp_path: Path)
     tt = _script()
     out = tmp_path / "teacher"
     tt.main(_tiny_corpus(tmp_path) + ["--steps", "4", "--copy-warmup-steps", "2", "--copy-fraction", "0.25",
-                                      "--out", str(out)])
+                                      "--seq-len", "200", "--out", str(out)])
     summary = json.loads((out / "training.json").read_text())
     assert summary["steps"] == 4 and summary["copy_warmup_steps"] == 2 and summary["copy_fraction"] == 0.25
+    assert summary["tokens_seen"] == 2 * 4 * 128 + 2 * 4 * 200  # warm-up rows are 128 tokens, not --seq-len
     assert (out / "model.safetensors").exists()
 
 
