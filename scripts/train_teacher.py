@@ -66,14 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add this many synthetic retrieval documents (a key stated inside real text, asked for at "
                         "the end) so that the teacher learns in-context retrieval; 0 = plain corpus")
     p.add_argument("--copy-fraction", type=float, default=0.0,
-                   help="fraction of each batch's rows replaced by fresh random-token runs, each repeated once "
-                        "(e.g. 0.1), to keep the induction heads that --copy-warmup-steps grows; a small teacher "
-                        "trained on text alone never gets them")
+                   help="fraction of each batch's rows replaced by copy rows (fresh random-token runs, each "
+                        "written 4 times), e.g. 0.1, to keep the induction heads that --copy-warmup-steps grows; "
+                        "a small teacher trained on text alone never gets them")
     p.add_argument("--copy-warmup-steps", type=int, default=0,
                    help="train the first N steps (of --steps) on copy rows alone, at min(seq_len, 128) tokens: "
                         "measured from the embedded teacher, induction heads broke out of the chance plateau "
-                        "after about 850 such steps (use >= 1500); mixed in at --copy-fraction 0.25 they had "
-                        "not formed after 400 steps")
+                        "after about 850 such steps (use >= 1500); mixed in at --copy-fraction 0.25 (runs "
+                        "written twice, then) they had not formed after 400 steps")
     p.add_argument("--mixture-out", type=Path, default=None,
                    help="write the training texts (synthetic documents included) here as .jsonl.gz, so that "
                         "distillation can use exactly the teacher's mixture")
@@ -279,6 +279,16 @@ def with_copy_rows(data: Iterator[torch.Tensor], fraction: float, vocab_size: in
         yield x
 
 
+def with_copy_warmup(data: Iterator[torch.Tensor], steps: int, batch_size: int, seq_len: int, vocab_size: int,
+                     eos: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches of copy rows alone (``min(seq_len, 128)`` tokens: short runs need no more), then
+    ``data``, which is not advanced during the warm-up."""
+    gen = torch.Generator().manual_seed(seed + 4)
+    for _ in range(steps):
+        yield copy_rows(batch_size, min(seq_len, 128), vocab_size, gen, eos)
+    yield from data
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -378,20 +388,18 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.measure_steps or args.steps
 
     data = batches(train, args.batch_size, args.seed)
-    copy_gen = torch.Generator().manual_seed(args.seed + 4)
     if args.copy_fraction:
         data = with_copy_rows(data, args.copy_fraction, len(tokenizer), tokenizer.eos_token_id, args.seed)
+    if args.copy_warmup_steps:
+        data = with_copy_warmup(data, args.copy_warmup_steps, args.batch_size, args.seq_len, len(tokenizer),
+                                tokenizer.eos_token_id, args.seed)
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        if step < args.copy_warmup_steps:
-            x = copy_rows(args.batch_size, min(args.seq_len, 128), len(tokenizer), copy_gen,
-                          tokenizer.eos_token_id).to(device)
-        else:
-            x = next(data).to(device)
+        x = next(data).to(device)
         with autocast:
             loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)

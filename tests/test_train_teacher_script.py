@@ -116,3 +116,14 @@ def test_copy_fraction_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
     tt = _script()
     with pytest.raises(SystemExit, match="--copy-fraction must be in"):
         tt.main(_tiny_corpus(tmp_path) + ["--steps", "2", "--copy-fraction", "1.5", "--out", str(tmp_path / "t")])
+
+
+def test_copy_warmup_yields_short_copy_batches_then_the_data_from_its_start() -> None:
+    import torch
+
+    tt = _script()
+    data = iter([torch.full((4, 300), 1000), torch.full((4, 300), 1001)])  # outside the copy rows' vocab of 100
+    out = list(tt.with_copy_warmup(data, 2, 4, 300, 100, 0, seed=0))
+    assert [tuple(x.shape) for x in out] == [(4, 128), (4, 128), (4, 300), (4, 300)]
+    assert (out[0] < 100).all() and (out[0] == 0).any()  # copy rows, with their eos separators
+    assert (out[2] == 1000).all() and (out[3] == 1001).all()  # the data was not advanced during the warm-up
