@@ -127,3 +127,47 @@ def test_blocked_window_attention_equals_one_block(window: int, sinks: int) -> N
              for s in (slice(0, 70), slice(70, T))]
     real = pos >= 0
     _close(torch.cat(parts, 1)[real], ref[real], 1e-5)
+
+
+@pytest.mark.parametrize("branch_rope", [False, True])
+def test_window_branch_rope_option(branch_rope: bool) -> None:
+    """Without RoPE the branch's state holds no positions: the same tokens leave the same state whatever
+    position they start at (with RoPE they do not). Either way the recurrent form equals the parallel one,
+    and the branch's decays start from `branch_decay_init`."""
+    torch.manual_seed(2)
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2,
+                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0])
+    mixer = student.mixers[0]
+    assert mixer.decay_base.min().item() == pytest.approx(-9.0) and mixer.decay_base.max().item() == pytest.approx(-3.0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 384, (1, 30))
+    with torch.no_grad():
+        full = student(x).logits
+        steps_state = student.init_state(1)
+        steps = torch.cat([student(x[:, i:i + 1], past_key_values=steps_state, use_cache=True).logits
+                           for i in range(30)], 1)
+        states = []
+        for start in (0, 100):
+            state = student.init_state(1)
+            state.position.fill_(start)
+            student(x, past_key_values=state, use_cache=True)
+            states.append(state.layers[0]["S"])  # layer 0: same input (the embeddings) at either start
+    _close(steps, full)
+    same = torch.allclose(states[0], states[1], atol=1e-5)
+    assert same != branch_rope
+
+
+def test_window_config_defaults_and_roundtrip(tmp_path) -> None:
+    from qwerky.modeling.configuration_qwerky import QwerkyConfig
+
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", branch_rope=False, branch_decay_init=[-8, -2])
+    student.config.save_pretrained(tmp_path)
+    loaded = QwerkyConfig.from_pretrained(tmp_path)
+    assert loaded.branch_rope is False and loaded.branch_decay_init == [-8.0, -2.0]
+    old = {k: v for k, v in loaded.to_dict().items() if k not in ("branch_rope", "branch_decay_init")}
+    legacy = QwerkyConfig(**old)  # a config written before the options existed keeps the old behaviour
+    assert legacy.branch_rope is True and legacy.branch_decay_init == [-5.0, 1.0]
+    with pytest.raises(ValueError, match="branch_decay_init"):
+        QwerkyConfig(teacher_config=None, branch_decay_init=[1.0, -1.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,10 @@ def test_overrides_are_typed() -> None:
     assert r.stage3.lr == pytest.approx(3e-4)
     assert r.student.attention_layers == [1, 3]
     assert r.train.tensorboard is True and r.student.mixer == "window"
+    opts = load_recipe("default", ["student.mixer=window", "student.branch_rope=true",
+                                   "student.branch_decay_init=[-8,-2]"]).student.mixer_options()
+    assert opts["branch_rope"] is True and opts["branch_decay_init"] == [-8, -2] and opts["window_size"] == 64
+    assert "branch_rope" not in load_recipe("default").student.mixer_options()  # only the window mixer has it
 
 
 @pytest.mark.parametrize("item,needle", [
@@ -46,10 +51,20 @@ def test_overrides_are_typed() -> None:
     ("stage2", "KEY=VALUE"),
     ("student.mixer=mamba", "student.mixer must be one of"),
     ("stage4.loss=mse", "stage4.loss must be"),
+    ("student.branch_decay_init=[-3,-9]", "student.branch_decay_init must be [lowest, highest]"),
+    ("student.branch_decay_init=[-3]", "student.branch_decay_init must be [lowest, highest]"),
+    ("data.recall_fraction=2", "data.recall_fraction must be in [0, 1]"),
 ])
 def test_bad_overrides(item: str, needle: str) -> None:
-    with pytest.raises(RecipeError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(RecipeError, match=re.escape(needle)):
         load_recipe("default", [item])
+
+
+def test_recall_gap_must_fit_every_enabled_stage() -> None:
+    ok = load_recipe("default", ["data.recall_fraction=0.25"])
+    assert ok.data.recall_fraction == 0.25 and ok.data.recall_min_gap == 128
+    with pytest.raises(RecipeError, match="recall_min_gap=480 does not fit stage1.seq_len=256"):
+        load_recipe("default", ["data.recall_fraction=0.25", "data.recall_min_gap=480"])
 
 
 def test_yaml_file_errors(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .recall import RecallRows
 from .sources import DataError
 
 __all__ = ["PackedBatches", "heldout_windows"]
@@ -52,13 +53,15 @@ class PackedBatches:
         batch_size: *global* rows per step, over all ranks; must be divisible by ``world_size``.
         seed: seeds the per-epoch window permutations.
         rank, world_size: this process's slice of each global batch (contiguous rows).
+        recall: optionally turns a seeded share of rows into recall rows (data/recall.py); which rows,
+            and how, depends on each row's place in the global sequence, so resuming stays exact.
 
     The position is ``(epoch, index)``: the next window to use is entry ``index`` of epoch
     ``epoch``'s permutation. A batch may span an epoch boundary, so no window is ever skipped.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, recall: RecallRows | None = None) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -73,6 +76,7 @@ class PackedBatches:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.local_batch_size = self.batch_size // self.world_size
+        self.recall = recall
         self.epoch = 0
         self.index = 0
         self._perm_epoch = -1
@@ -95,8 +99,9 @@ class PackedBatches:
             self._perm_epoch = epoch
         return self._perm
 
-    def _next_global_indices(self) -> np.ndarray:
-        """Window ids of the next global batch; advances the position."""
+    def _next_global_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Window ids of the next global batch and each row's global counter; advances the position."""
+        first = self.epoch * self.num_windows + self.index
         out = np.empty(self.batch_size, dtype=np.int64)
         filled = 0
         while filled < self.batch_size:
@@ -107,15 +112,17 @@ class PackedBatches:
             self.index += take
             if self.index == self.num_windows:
                 self.epoch, self.index = self.epoch + 1, 0
-        return out
+        return out, first + np.arange(self.batch_size)
 
     def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        ids = self._next_global_indices()
-        mine = ids[self.rank * self.local_batch_size: (self.rank + 1) * self.local_batch_size]
-        rows = self.windows[mine].astype(np.int64)  # [b, seq_len]; reads only this rank's rows
+        ids, counters = self._next_global_indices()
+        mine = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+        rows = self.windows[ids[mine]].astype(np.int64)  # [b, seq_len]; reads only this rank's rows
+        if self.recall is not None:
+            rows = self.recall.apply(rows, counters[mine])
         return torch.from_numpy(rows)
 
     def state_dict(self) -> dict[str, Any]:

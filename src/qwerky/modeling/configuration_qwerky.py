@@ -32,6 +32,11 @@ class QwerkyConfig(PretrainedConfig):
         use_rope: apply the teacher's RoPE to receptance/key (RWKV-7 and window mixers).
         has_qk_norm: per-head q/k norms exist in the teacher (Qwen3); kept as r/k norms.
         window_size / num_sinks: geometry of the window mixer.
+        branch_rope: window mixer: rotate the RWKV-7 branch's r/k with RoPE too. Off, the state holds no
+            positions, so what it learned at the training length holds past it (method.md reports that
+            dropping RoPE on the linear path helps length generalisation). True for configs that predate it.
+        branch_decay_init: window mixer: (lowest, highest) initial decay logit of the branch's channels;
+            the window covers the last tokens, so the branch's decays can start slow (-5..1 predates it).
         chunk_size: chunk length of the parallel form.
         lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
@@ -54,6 +59,8 @@ class QwerkyConfig(PretrainedConfig):
         has_qk_norm: bool = False,
         window_size: int = 64,
         num_sinks: int = 4,
+        branch_rope: bool = True,
+        branch_decay_init: tuple[float, float] | list[float] = (-5.0, 1.0),
         chunk_size: int = 64,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
@@ -83,6 +90,10 @@ class QwerkyConfig(PretrainedConfig):
         self.has_qk_norm = has_qk_norm
         self.window_size = window_size
         self.num_sinks = num_sinks
+        self.branch_rope = branch_rope
+        if len(branch_decay_init) != 2 or branch_decay_init[0] > branch_decay_init[1]:
+            raise ValueError(f"branch_decay_init must be (lowest, highest), got {branch_decay_init!r}")
+        self.branch_decay_init = [float(x) for x in branch_decay_init]
         self.chunk_size = chunk_size
         self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)

@@ -7,7 +7,9 @@ last `window_size` tokens plus `num_sinks` sink tokens, plus the RWKV-7 branch o
 
 `branch_gate` (per channel) starts at zero and `window_scale` at one, so at initialisation the student
 equals the teacher restricted to the window exactly (the training-free baseline), and training can only
-start from there. The per-head scale lets training undo the over-weighting of in-window tokens that a
+start from there. The branch's job is what lies beyond the window, possibly far beyond the training
+length, so (config) its r/k skip RoPE and its decays start slow: a state holding no positions cannot meet
+a position it never saw. The per-head scale lets training undo the over-weighting of in-window tokens that a
 window-normalised softmax causes (the calibration in method.md found it helped most). Decoding keeps
 W + S keys/values per layer and the fixed-size state: memory per sequence is bounded.
 
@@ -37,10 +39,18 @@ class WindowMixer(RWKV7Mixer):
         self.scaling = config.attention_scaling
         self.window_scale = nn.Parameter(torch.ones(self.num_heads))
         self.branch_gate = nn.Parameter(torch.zeros(self.num_heads * self.head_dim))
+        self.branch_rope = getattr(config, "branch_rope", True)
+        self.branch_decay_init = tuple(getattr(config, "branch_decay_init", (-5.0, 1.0)))
+        with torch.no_grad():
+            self.decay_base.copy_(self._decay_init())
+
+    def _decay_init(self) -> torch.Tensor:
+        return torch.linspace(*self.branch_decay_init, self.head_dim).repeat(self.num_heads)
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
         super().reset_new_parameters()
+        self.decay_base.copy_(self._decay_init())
         self.window_scale.fill_(1.0)
         self.branch_gate.zero_()
 
@@ -55,14 +65,18 @@ class WindowMixer(RWKV7Mixer):
                 attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = hidden_states
         B, T, _ = x.shape
-        r, k, v = self._project(x, position_embeddings)
+        r0, k0, v = self._project(x, None)  # normed, not rotated
+        r, k = r0, k0
+        if self.use_rope and position_embeddings is not None:
+            r, k = rotate_qk(r0, k0, position_embeddings, self.rope_fn)
         layer_state = self.ctx.layer_state(self.layer_idx)
         positions = _positions(self.ctx, B, T, x.device)
         local = window_attention(r, k, v, positions, self.scaling, self.window_size, self.num_sinks,
                                  cache=layer_state)
         y = local * self.window_scale[None, None, :, None].to(local.dtype)
         y = y.reshape(B, T, -1)
-        branch = self._recurrent(x, r, k, v, layer_state, value_residual=False).reshape(B, T, -1)
+        r_b, k_b = (r, k) if self.branch_rope else (r0, k0)
+        branch = self._recurrent(x, r_b, k_b, v, layer_state, value_residual=False).reshape(B, T, -1)
         y = y + self.branch_gate.to(y.dtype) * branch * (1 + self.gate_lora(x))
         return self.ctx.emit(self.layer_idx, self.output(y))
 

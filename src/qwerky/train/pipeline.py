@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qwerky.data import DataError, PackedBatches, build_token_cache, heldout_windows
+from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache, heldout_windows
 from qwerky.data.sources import resolve_sources
 from qwerky.surgery import convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
@@ -143,8 +143,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                                       heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
                                       text_field=recipe.data.text_field)
 
-    student = convert_teacher(teacher, mixer=recipe.student.mixer, attention_layers=recipe.student.attention_layers,
-                              window_size=recipe.student.window_size, num_sinks=recipe.student.num_sinks)
+    student = convert_teacher(teacher, **recipe.student.mixer_options())
     if info.enabled or training:
         # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
         unshare_from_teacher(student, teacher, modules=student.mixers)
@@ -217,8 +216,10 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         if lora_rank and not any("lora_" in n for n, _ in student.named_parameters()):
             add_mlp_lora(student, lora_rank)
         assert cache is not None
+        recall = (RecallRows(recipe.data.recall_fraction, recipe.data.recall_min_gap, spec.seq_len,
+                             seed=recipe.data.seed + stage) if recipe.data.recall_fraction else None)
         batches = PackedBatches(cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
-                                rank=info.rank, world_size=info.world_size)
+                                rank=info.rank, world_size=info.world_size, recall=recall)
         params = trainable_parameters(stage, student, spec)
         student.train()
         taps = TeacherTaps(teacher) if stage == 1 else None
@@ -259,9 +260,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         export_model = student
         if info.enabled:
-            export_model = convert_teacher(load_teacher(job.teacher), mixer=recipe.student.mixer,
-                                           attention_layers=recipe.student.attention_layers,
-                                           window_size=recipe.student.window_size, num_sinks=recipe.student.num_sinks)
+            export_model = convert_teacher(load_teacher(job.teacher), **recipe.student.mixer_options())
             unshare_from_teacher(export_model, teacher)
             if lora:
                 add_mlp_lora(export_model, max(recipe.stage(s).lora_rank for s in training if s >= 3))

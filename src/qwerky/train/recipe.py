@@ -25,6 +25,16 @@ class StudentSpec:
     attention_layers: list[int] = field(default_factory=list)  # hybrid: layers keeping teacher attention
     window_size: int = 64  # window mixer: tokens of exact softmax attention
     num_sinks: int = 4  # window mixer: sink tokens always attended
+    branch_rope: bool = False  # window mixer: RoPE on the RWKV branch too (off: it generalises past the length)
+    branch_decay_init: list[float] = field(default_factory=lambda: [-9.0, -3.0])  # window branch decay logits
+
+    def mixer_options(self) -> dict[str, Any]:
+        """What convert_teacher needs to build this student."""
+        opts: dict[str, Any] = {"mixer": self.mixer, "attention_layers": self.attention_layers,
+                                "window_size": self.window_size, "num_sinks": self.num_sinks}
+        if self.mixer == "window":
+            opts.update(branch_rope=self.branch_rope, branch_decay_init=list(self.branch_decay_init))
+        return opts
 
 
 @dataclass
@@ -34,6 +44,8 @@ class DataSpec:
     eval_seq_len: int = 512  # held-out window length for the quality report
     eval_windows: int = 32  # held-out windows evaluated
     text_field: str = "text"  # field/column holding the text in jsonl/parquet/datasets
+    recall_fraction: float = 0.0  # share of training rows whose passage is written again past the window
+    recall_min_gap: int = 128  # recall rows: at least this many tokens between the passage and its copy
 
 
 @dataclass
@@ -203,6 +215,19 @@ def validate(recipe: Recipe) -> None:
 
     if recipe.student.mixer not in MIXERS:
         raise RecipeError(f"student.mixer must be one of {', '.join(MIXERS)}, got '{recipe.student.mixer}'")
+    d = recipe.data
+    if not 0.0 <= d.recall_fraction <= 1.0:
+        raise RecipeError(f"data.recall_fraction must be in [0, 1], got {d.recall_fraction}")
+    if d.recall_fraction:
+        for n in (1, 2, 3, 4):
+            s = recipe.stage(n)
+            need = 16 + 2 * max(1, s.seq_len // 16) + d.recall_min_gap
+            if s.enabled and (d.recall_min_gap < 1 or need > s.seq_len):
+                raise RecipeError(f"data.recall_min_gap={d.recall_min_gap} does not fit stage{n}.seq_len={s.seq_len} "
+                                  f"(a recall row needs {need} tokens); lower the gap or set data.recall_fraction=0")
+    lo_hi = recipe.student.branch_decay_init
+    if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+        raise RecipeError(f"student.branch_decay_init must be [lowest, highest] decay logits, got {lo_hi}")
     for n in (1, 2, 3, 4):
         s = recipe.stage(n)
         for name in ("tokens", "seq_len", "batch_size"):
