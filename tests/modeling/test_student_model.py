@@ -129,15 +129,16 @@ def test_blocked_window_attention_equals_one_block(window: int, sinks: int) -> N
     _close(torch.cat(parts, 1)[real], ref[real], 1e-5)
 
 
-@pytest.mark.parametrize("branch_rope", [False, True])
-def test_window_branch_rope_option(branch_rope: bool) -> None:
+@pytest.mark.parametrize("branch_rope,center", [(False, True), (True, False), (True, True)])
+def test_window_branch_rope_option(branch_rope: bool, center: bool) -> None:
     """Without RoPE the branch's state holds no positions: the same tokens leave the same state whatever
     position they start at (with RoPE they do not). Either way the recurrent form equals the parallel one,
     and the branch's decays start from `branch_decay_init`."""
     torch.manual_seed(2)
     student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2,
-                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0])
+                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0], branch_center_keys=center)
     mixer = student.mixers[0]
+    assert (mixer.key_offset is not None) == center
     assert mixer.decay_base.min().item() == pytest.approx(-9.0) and mixer.decay_base.max().item() == pytest.approx(-3.0)
     with torch.no_grad():
         for p in student.parameters():
@@ -166,8 +167,37 @@ def test_window_config_defaults_and_roundtrip(tmp_path) -> None:
     student.config.save_pretrained(tmp_path)
     loaded = QwerkyConfig.from_pretrained(tmp_path)
     assert loaded.branch_rope is False and loaded.branch_decay_init == [-8.0, -2.0]
-    old = {k: v for k, v in loaded.to_dict().items() if k not in ("branch_rope", "branch_decay_init")}
+    new_keys = ("branch_rope", "branch_decay_init", "branch_center_keys")
+    old = {k: v for k, v in loaded.to_dict().items() if k not in new_keys}
     legacy = QwerkyConfig(**old)  # a config written before the options existed keeps the old behaviour
     assert legacy.branch_rope is True and legacy.branch_decay_init == [-5.0, 1.0]
+    assert legacy.branch_center_keys is False
     with pytest.raises(ValueError, match="branch_decay_init"):
         QwerkyConfig(teacher_config=None, branch_decay_init=[1.0, -1.0])
+
+
+def test_center_branch_keys_centres_and_keeps_the_start() -> None:
+    """The offsets are the mean branch key of the sample, so the centred keys average to zero there; with
+    the gate still at zero the student still equals the window baseline."""
+    from qwerky.surgery import center_branch_keys
+
+    teacher = tiny_teacher("qwen3")  # q/k norms: the offset lives in the normed key space
+    student = convert_teacher(teacher, mixer="window", window_size=8, num_sinks=2, branch_center_keys=True)
+    x = torch.randint(0, 384, (3, 40))
+    with torch.no_grad():
+        before = student(x).logits
+    assert center_branch_keys(student, x) == len(student.mixers)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: inputs.__setitem__(mod.layer_idx, kw.get("hidden_states",
+             a[0] if a else None)), with_kwargs=True) for m in student.mixers]
+    with torch.no_grad():
+        after = student(x).logits
+        for m in student.mixers:
+            _, k, _ = m._project(inputs[m.layer_idx], None)
+            centred = k - m.key_offset.view(m.num_kv_heads, m.head_dim)
+            assert m.key_offset.abs().max() > 1e-3
+            assert centred.mean(dim=(0, 1)).abs().max() < 1e-4
+    for h in hooks:
+        h.remove()
+    _close(after, before, 1e-6)
+    assert center_branch_keys(convert_teacher(teacher, mixer="rwkv7"), x) == 0  # nothing to centre

@@ -55,6 +55,21 @@ def test_stages_train_only_what_they_should(teacher_dir: Path, text_file: Path, 
                            teacher.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_window_student_with_recall_rows(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """The window student's recipe defaults reach the exported model: keys centred on the training text
+    (a non-zero offset per layer), no RoPE on the branch, slow decays; recall rows train without error."""
+    out = tmp_path / "w"
+    extra = ["--mixer", "window", "--stages", "1,2", "--no-eval",
+             "--set", "data.recall_fraction=0.5", "--set", "data.recall_min_gap=16"]
+    assert main(_args(teacher_dir, text_file, out, extra)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["branch_rope"] is False and config["branch_center_keys"] is True
+    assert config["branch_decay_init"] == [-9.0, -3.0]
+    weights = load_file(out / "model.safetensors")
+    offsets = [v for k, v in weights.items() if k.endswith("key_offset")]
+    assert len(offsets) == config["num_hidden_layers"] and all(o.abs().sum() > 0 for o in offsets)
+
+
 def _run_cli(args: list[str], **kw: object) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "qwerky", *args], env=env, stdout=subprocess.DEVNULL,

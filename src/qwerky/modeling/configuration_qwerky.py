@@ -37,6 +37,10 @@ class QwerkyConfig(PretrainedConfig):
             dropping RoPE on the linear path helps length generalisation). True for configs that predate it.
         branch_decay_init: window mixer: (lowest, highest) initial decay logit of the branch's channels;
             the window covers the last tokens, so the branch's decays can start slow (-5..1 predates it).
+        branch_center_keys: window mixer: the branch reads with keys minus a per-channel offset (`key_offset`,
+            set to the mean key of real text before training). Softmax ignores what all keys share; a
+            linear state does not, and a shared component drowns its reads and, through the delta rule's
+            removal, erases its memory. False for configs that predate it.
         chunk_size: chunk length of the parallel form.
         lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
@@ -61,6 +65,7 @@ class QwerkyConfig(PretrainedConfig):
         num_sinks: int = 4,
         branch_rope: bool = True,
         branch_decay_init: tuple[float, float] | list[float] = (-5.0, 1.0),
+        branch_center_keys: bool = False,
         chunk_size: int = 64,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
@@ -94,6 +99,7 @@ class QwerkyConfig(PretrainedConfig):
         if len(branch_decay_init) != 2 or branch_decay_init[0] > branch_decay_init[1]:
             raise ValueError(f"branch_decay_init must be (lowest, highest), got {branch_decay_init!r}")
         self.branch_decay_init = [float(x) for x in branch_decay_init]
+        self.branch_center_keys = branch_center_keys
         self.chunk_size = chunk_size
         self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)

@@ -7,11 +7,15 @@ last `window_size` tokens plus `num_sinks` sink tokens, plus the RWKV-7 branch o
 
 `branch_gate` (per channel) starts at zero and `window_scale` at one, so at initialisation the student
 equals the teacher restricted to the window exactly (the training-free baseline), and training can only
-start from there. The branch's job is what lies beyond the window, possibly far beyond the training
-length, so (config) its r/k skip RoPE and its decays start slow: a state holding no positions cannot meet
-a position it never saw. The per-head scale lets training undo the over-weighting of in-window tokens that a
-window-normalised softmax causes (the calibration in method.md found it helped most). Decoding keeps
-W + S keys/values per layer and the fixed-size state: memory per sequence is bounded.
+start from there. The per-head scale lets training undo the over-weighting of in-window tokens that a
+window-normalised softmax causes (the calibration in method.md found it helped most).
+
+The branch's job is what lies beyond the window, often beyond the training length, so (config):
+  - its r/k skip RoPE: a state holding no positions cannot meet a distance it never saw;
+  - its decays start slow: the window already covers the recent tokens;
+  - it reads with centred keys (`key_offset`, the mean key of real text): softmax ignores whatever all
+    keys share, a linear state does not, and a shared component drowns its reads.
+Decoding keeps W + S keys/values per layer and the fixed-size state: memory per sequence is bounded.
 
 AttentionMixer: the teacher's full causal attention, for hybrid layers; its cache grows with the context.
 
@@ -41,6 +45,10 @@ class WindowMixer(RWKV7Mixer):
         self.branch_gate = nn.Parameter(torch.zeros(self.num_heads * self.head_dim))
         self.branch_rope = getattr(config, "branch_rope", True)
         self.branch_decay_init = tuple(getattr(config, "branch_decay_init", (-5.0, 1.0)))
+        if getattr(config, "branch_center_keys", False):  # set from data by qwerky.surgery.calibrate
+            self.key_offset = nn.Parameter(torch.zeros(self.num_kv_heads * self.head_dim))
+        else:
+            self.key_offset = None
         with torch.no_grad():
             self.decay_base.copy_(self._decay_init())
 
@@ -53,6 +61,8 @@ class WindowMixer(RWKV7Mixer):
         self.decay_base.copy_(self._decay_init())
         self.window_scale.fill_(1.0)
         self.branch_gate.zero_()
+        if self.key_offset is not None:
+            self.key_offset.zero_()
 
     def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
         state = super().init_state(batch_size, device)
@@ -75,7 +85,11 @@ class WindowMixer(RWKV7Mixer):
                                  cache=layer_state)
         y = local * self.window_scale[None, None, :, None].to(local.dtype)
         y = y.reshape(B, T, -1)
-        r_b, k_b = (r, k) if self.branch_rope else (r0, k0)
+        r_b, k_b = r0, k0
+        if self.key_offset is not None:  # centred before any rotation: the offset is a mean unrotated key
+            k_b = k_b - self.key_offset.view(self.num_kv_heads, self.head_dim).to(k_b.dtype)
+        if self.branch_rope and self.use_rope and position_embeddings is not None:
+            r_b, k_b = rotate_qk(r_b, k_b, position_embeddings, self.rope_fn)
         branch = self._recurrent(x, r_b, k_b, v, layer_state, value_residual=False).reshape(B, T, -1)
         y = y + self.branch_gate.to(y.dtype) * branch * (1 + self.gate_lora(x))
         return self.ctx.emit(self.layer_idx, self.output(y))

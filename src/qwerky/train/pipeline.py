@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache, heldout_windows
 from qwerky.data.sources import resolve_sources
-from qwerky.surgery import convert_teacher, save_student, unshare_from_teacher
+from qwerky.surgery import center_branch_keys, convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
@@ -147,6 +148,12 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     if info.enabled or training:
         # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
         unshare_from_teacher(student, teacher, modules=student.mixers)
+    if training and cache is not None:
+        # the same first rows of the training text on every rank, so every rank sets the same offsets
+        n_rows, row_len = 8, min(recipe.stage(min(training)).seq_len, len(cache.train) // 8)
+        sample = torch.from_numpy(np.asarray(cache.train[: n_rows * row_len]).astype(np.int64)).view(n_rows, row_len)
+        if center_branch_keys(student, sample):
+            log.info("window branch: keys centred on %d x %d tokens of the training text", n_rows, row_len)
     run_dir.mkdir(parents=True, exist_ok=True)
     if job.overwrite and not job.resume and info.is_main:
         (run_dir / "log.jsonl").unlink(missing_ok=True)

@@ -27,13 +27,15 @@ class StudentSpec:
     num_sinks: int = 4  # window mixer: sink tokens always attended
     branch_rope: bool = False  # window mixer: RoPE on the RWKV branch too (off: it generalises past the length)
     branch_decay_init: list[float] = field(default_factory=lambda: [-9.0, -3.0])  # window branch decay logits
+    branch_center_keys: bool = True  # window mixer: the branch's keys minus their mean on the training text
 
     def mixer_options(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
         opts: dict[str, Any] = {"mixer": self.mixer, "attention_layers": self.attention_layers,
                                 "window_size": self.window_size, "num_sinks": self.num_sinks}
         if self.mixer == "window":
-            opts.update(branch_rope=self.branch_rope, branch_decay_init=list(self.branch_decay_init))
+            opts.update(branch_rope=self.branch_rope, branch_decay_init=list(self.branch_decay_init),
+                        branch_center_keys=self.branch_center_keys)
         return opts
 
 
