@@ -129,16 +129,21 @@ def test_blocked_window_attention_equals_one_block(window: int, sinks: int) -> N
     _close(torch.cat(parts, 1)[real], ref[real], 1e-5)
 
 
-@pytest.mark.parametrize("branch_rope,center", [(False, True), (True, False), (True, True)])
-def test_window_branch_rope_option(branch_rope: bool, center: bool) -> None:
+@pytest.mark.parametrize("branch_rope,center,own_qk", [(False, True, False), (True, False, False),
+                                                       (True, True, False), (False, True, True)])
+def test_window_branch_rope_option(branch_rope: bool, center: bool, own_qk: bool) -> None:
     """Without RoPE the branch's state holds no positions: the same tokens leave the same state whatever
     position they start at (with RoPE they do not). Either way the recurrent form equals the parallel one,
     and the branch's decays start from `branch_decay_init`."""
     torch.manual_seed(2)
     student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2,
-                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0], branch_center_keys=center)
+                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0], branch_center_keys=center,
+                              branch_own_qk=own_qk)
     mixer = student.mixers[0]
-    assert (mixer.key_offset is not None) == center
+    assert (mixer.key_offset is not None) == center and (mixer.branch_key is not None) == own_qk
+    if own_qk:  # copies of the teacher's projections, not the same tensors
+        assert torch.equal(mixer.branch_key.weight, mixer.key.weight)
+        assert mixer.branch_key.weight.data_ptr() != mixer.key.weight.data_ptr()
     assert mixer.decay_base.min().item() == pytest.approx(-9.0) and mixer.decay_base.max().item() == pytest.approx(-3.0)
     with torch.no_grad():
         for p in student.parameters():

@@ -41,6 +41,8 @@ class QwerkyConfig(PretrainedConfig):
             set to the mean key of real text before training). Softmax ignores what all keys share; a
             linear state does not, and a shared component drowns its reads and, through the delta rule's
             removal, erases its memory. False for configs that predate it.
+        branch_own_qk: window mixer: the branch has its own receptance/key projections (copies of the
+            teacher's q/k at conversion), so that what it learns does not have to suit the window too.
         chunk_size: chunk length of the parallel form.
         lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
@@ -66,6 +68,7 @@ class QwerkyConfig(PretrainedConfig):
         branch_rope: bool = True,
         branch_decay_init: tuple[float, float] | list[float] = (-5.0, 1.0),
         branch_center_keys: bool = False,
+        branch_own_qk: bool = False,
         chunk_size: int = 64,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
@@ -100,6 +103,7 @@ class QwerkyConfig(PretrainedConfig):
             raise ValueError(f"branch_decay_init must be (lowest, highest), got {branch_decay_init!r}")
         self.branch_decay_init = [float(x) for x in branch_decay_init]
         self.branch_center_keys = branch_center_keys
+        self.branch_own_qk = branch_own_qk
         self.chunk_size = chunk_size
         self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)

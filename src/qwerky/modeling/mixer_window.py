@@ -14,7 +14,9 @@ The branch's job is what lies beyond the window, often beyond the training lengt
   - its r/k skip RoPE: a state holding no positions cannot meet a distance it never saw;
   - its decays start slow: the window already covers the recent tokens;
   - it reads with centred keys (`key_offset`, the mean key of real text): softmax ignores whatever all
-    keys share, a linear state does not, and a shared component drowns its reads.
+    keys share, a linear state does not, and a shared component drowns its reads;
+  - optionally its own copies of the receptance/key projections: shared ones are shaped by the window's
+    gradient, which dwarfs the zero-gated branch's.
 Decoding keeps W + S keys/values per layer and the fixed-size state: memory per sequence is bounded.
 
 AttentionMixer: the teacher's full causal attention, for hybrid layers; its cache grows with the context.
@@ -24,6 +26,7 @@ Copied into every exported model folder: imports nothing from qwerky.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -45,6 +48,11 @@ class WindowMixer(RWKV7Mixer):
         self.branch_gate = nn.Parameter(torch.zeros(self.num_heads * self.head_dim))
         self.branch_rope = getattr(config, "branch_rope", True)
         self.branch_decay_init = tuple(getattr(config, "branch_decay_init", (-5.0, 1.0)))
+        if getattr(config, "branch_own_qk", False):  # copies of receptance/key, trained by the branch alone
+            self.branch_receptance = copy.deepcopy(self.receptance)
+            self.branch_key = copy.deepcopy(self.key)
+        else:
+            self.branch_receptance = self.branch_key = None
         if getattr(config, "branch_center_keys", False):  # set from data by qwerky.surgery.calibrate
             self.key_offset = nn.Parameter(torch.zeros(self.num_kv_heads * self.head_dim))
         else:
@@ -63,6 +71,22 @@ class WindowMixer(RWKV7Mixer):
         self.branch_gate.zero_()
         if self.key_offset is not None:
             self.key_offset.zero_()
+        if self.branch_key is not None:
+            self.branch_receptance.load_state_dict(self.receptance.state_dict())
+            self.branch_key.load_state_dict(self.key.state_dict())
+
+    def branch_rk(self, x: torch.Tensor, r0: torch.Tensor | None = None, k0: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch's receptance and key [B, T, H|Hk, D]: normed, not rotated, not centred. Its own
+        projections when it has them, else the window's (r0/k0, computed here if not given)."""
+        B, T, _ = x.shape
+        if self.branch_key is None:
+            if r0 is None or k0 is None:
+                r0, k0, _ = self._project(x, None)
+            return r0, k0
+        r = self.branch_receptance(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.branch_key(x).view(B, T, self.num_kv_heads, self.head_dim)
+        return head_norm(self.r_norm, r), head_norm(self.k_norm, k)
 
     def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
         state = super().init_state(batch_size, device)
@@ -85,7 +109,7 @@ class WindowMixer(RWKV7Mixer):
                                  cache=layer_state)
         y = local * self.window_scale[None, None, :, None].to(local.dtype)
         y = y.reshape(B, T, -1)
-        r_b, k_b = r0, k0
+        r_b, k_b = self.branch_rk(x, r0, k0)
         if self.key_offset is not None:  # centred before any rotation: the offset is a mean unrotated key
             k_b = k_b - self.key_offset.view(self.num_kv_heads, self.head_dim).to(k_b.dtype)
         if self.branch_rope and self.use_rope and position_embeddings is not None:

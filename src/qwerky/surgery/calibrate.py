@@ -28,7 +28,7 @@ def center_branch_keys(student: nn.Module, input_ids: torch.Tensor) -> int:
 
     def capture(mixer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs["hidden_states"]
-        _, k, _ = mixer._project(x, None)
+        _, k = mixer.branch_rk(x)
         means[id(mixer)] = k.float().mean(dim=(0, 1)).reshape(-1)
 
     handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in mixers]

@@ -28,6 +28,7 @@ class StudentSpec:
     branch_rope: bool = False  # window mixer: RoPE on the RWKV branch too (off: it generalises past the length)
     branch_decay_init: list[float] = field(default_factory=lambda: [-9.0, -3.0])  # window branch decay logits
     branch_center_keys: bool = True  # window mixer: the branch's keys minus their mean on the training text
+    branch_own_qk: bool = False  # window mixer: the branch gets its own copies of the teacher's q/k projections
 
     def mixer_options(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
@@ -35,7 +36,7 @@ class StudentSpec:
                                 "window_size": self.window_size, "num_sinks": self.num_sinks}
         if self.mixer == "window":
             opts.update(branch_rope=self.branch_rope, branch_decay_init=list(self.branch_decay_init),
-                        branch_center_keys=self.branch_center_keys)
+                        branch_center_keys=self.branch_center_keys, branch_own_qk=self.branch_own_qk)
         return opts
 
 
@@ -69,6 +70,7 @@ class StageSpec:
     loss: str = "kl"  # stage 1: align; stages 2-3: kl; stage 4: kl | ce
     lora_rank: int = 0  # stage 3: >0 trains LoRA adapters on the MLPs instead of full MLP weights
     logits_chunk: int = 128  # sequence positions per chunk of the vocabulary-sized KL
+    kl_focus: float = 0.0  # KL stages: weight each position by (its KL / mean KL) ** kl_focus (0: plain mean)
     gate_lr_scale: float = 1.0  # window mixer: lr multiplier for branch_gate / window_scale (zero-init gates
     #                             move slowly under Adam at the lr that suits the other weights)
 
@@ -240,6 +242,8 @@ def validate(recipe: Recipe) -> None:
         allowed = {1: ("align",), 2: ("kl",), 3: ("kl",), 4: ("kl", "ce")}[n]
         if s.loss not in allowed:
             raise RecipeError(f"stage{n}.loss must be {' or '.join(allowed)}, got '{s.loss}'")
+        if s.kl_focus < 0:
+            raise RecipeError(f"stage{n}.kl_focus must be >= 0 (0 = plain mean), got {s.kl_focus}")
         if s.lr <= 0:
             raise RecipeError(f"stage{n}.lr must be positive, got {s.lr}")
     if recipe.train.precision not in ("auto", "fp32", "bf16"):

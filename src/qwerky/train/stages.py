@@ -134,7 +134,7 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
             return chunked_ce(s_hidden, ids, s_head, spec.logits_chunk)
         with torch.no_grad():
             t_hidden = t_base(input_ids=ids, use_cache=False).last_hidden_state
-        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk)
+        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk, spec.kl_focus)
     return distill
 
 
