@@ -34,11 +34,23 @@ print("\nRESULT " + json.dumps(result))
 """
 
 
-@pytest.mark.parametrize("family,mixer", [("qwen2", "rwkv7"), ("qwen3", "rwkv7"), ("llama", "rwkv6"),
-                                          ("mistral", "window")])
-def test_fresh_process_load_generate_and_constant_state(tmp_path: Path, family: str, mixer: str) -> None:
+BRANCH = {"branch_rope": False, "branch_center_keys": True, "branch_own_qk": True, "branch_decay_init": [-9, -3]}
+
+
+@pytest.mark.parametrize("family,mixer,options", [("qwen2", "rwkv7", {}), ("qwen3", "rwkv7", {}),
+                                                  ("llama", "rwkv6", {}), ("mistral", "window", {}),
+                                                  ("qwen2", "window", BRANCH)])
+def test_fresh_process_load_generate_and_constant_state(tmp_path: Path, family: str, mixer: str,
+                                                        options: dict) -> None:
+    import torch
+
     out = tmp_path / "student"
-    save_student(convert_teacher(tiny_teacher(family), mixer=mixer), build_tokenizer(), out)
+    student = convert_teacher(tiny_teacher(family), mixer=mixer, **options)
+    if options:  # every branch option in use, and the branch made to matter (its gate is 0 at conversion)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    save_student(student, build_tokenizer(), out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_qwerky.QwerkyForCausalLM"
     assert (out / "modeling_qwerky.py").exists() and (out / "model.safetensors").exists()

@@ -510,9 +510,10 @@ class _EngineBase:
         req.finished_at = time.monotonic()
         rest = req.text[req.emitted:] if reason != "cancelled" else ""
         req.emitted = len(req.text)
-        self._emit(req, rest, reason, error)
+        # count it before the final event goes out: a client that has its answer must find it counted
         key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "completed")
         self.counters[key] += 1
+        self._emit(req, rest, reason, error)
         req.done.set()
 
     def _fail(self, req: GenerationRequest, exc: BaseException) -> None:
