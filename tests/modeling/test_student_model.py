@@ -15,6 +15,20 @@ FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
 MIXERS = ["rwkv7", "rwkv6", "window"]
 
 
+def _perturb(student: torch.nn.Module, scale: float = 0.05) -> None:
+    """Make the new parameters matter (zero gates and the like), so form-equality tests can fail."""
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def _token_by_token(student: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    state = student.init_state(x.shape[0])
+    with torch.no_grad():
+        return torch.cat([student(x[:, i:i + 1], past_key_values=state, use_cache=True).logits
+                          for i in range(x.shape[1])], 1)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
     err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
     assert err < tol, f"relative error {err:.2e}"
@@ -25,18 +39,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
 def test_parallel_equals_pieces_and_steps(family: str, mixer: str) -> None:
     torch.manual_seed(1)
     student = convert_teacher(tiny_teacher(family), mixer=mixer, window_size=8, num_sinks=2)
-    with torch.no_grad():  # make the new parameters matter, so the test is not trivially passing
-        for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    _perturb(student)
     x = torch.randint(0, 384, (2, 45))
     with torch.no_grad():
         full = student(x).logits
         state = student.init_state(2)
         pieces = torch.cat([student(x[:, :17], past_key_values=state, use_cache=True).logits,
                             student(x[:, 17:], past_key_values=state, use_cache=True).logits], 1)
-        state2 = student.init_state(2)
-        steps = torch.cat([student(x[:, i:i + 1], past_key_values=state2, use_cache=True).logits
-                           for i in range(45)], 1)
+    steps = _token_by_token(student, x)
     _close(pieces, full)
     _close(steps, full)
     assert state.position.tolist() == [45, 45]
@@ -145,15 +155,11 @@ def test_window_branch_rope_option(branch_rope: bool, center: bool, own_qk: bool
         assert torch.equal(mixer.branch_key.weight, mixer.key.weight)
         assert mixer.branch_key.weight.data_ptr() != mixer.key.weight.data_ptr()
     assert mixer.decay_base.min().item() == pytest.approx(-9.0) and mixer.decay_base.max().item() == pytest.approx(-3.0)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    _perturb(student)
     x = torch.randint(0, 384, (1, 30))
+    steps = _token_by_token(student, x)
     with torch.no_grad():
         full = student(x).logits
-        steps_state = student.init_state(1)
-        steps = torch.cat([student(x[:, i:i + 1], past_key_values=steps_state, use_cache=True).logits
-                           for i in range(30)], 1)
         states = []
         for start in (0, 100):
             state = student.init_state(1)
