@@ -12,7 +12,8 @@
 # Knobs: LONG_STEPS / RETRIEVAL_DOCS / COPY_STEPS (teacher; the first COPY_STEPS steps train induction
 # heads on random-token copy rows: no teacher trained on text alone could copy a pass key even in its own
 # context), DISTILL_SCALE / DISTILL_LIMIT (distillation budget and time limit), QWERKY_KERNELS=torch (skip
-# Triton in the distillation), TEACHER / MIXTURE (reuse a teacher).
+# Triton in the distillation), TEACHER / MIXTURE (reuse a teacher), RECALL / GATE_LR (distill: share of recall
+# rows, gate lr multiplier).
 #
 # Learned on the first loan (2026-11-26, H100, docs/gpu.md): fla's fp32 kernels compiled and autotuned for
 # over 160 s before their first result, so parity runs in bf16 with autotuning capped to one config; the
@@ -92,8 +93,11 @@ distill)
   for s in stage1 stage2 stage3 stage4; do
     t=$(python3 -c "import yaml; r = yaml.safe_load(open('src/qwerky/recipes/long_context.yaml')); \
 print(int(r['$s']['tokens'] * $scale))")
-    sets+=(--set "$s.tokens=$t")
+    sets+=(--set "$s.tokens=$t" --set "$s.gate_lr_scale=${GATE_LR:-20}")
   done
+  # recall rows (passages written again past the window) and fast gates: the settings of the CPU retrieval
+  # run in docs/window_student.md; RECALL=0 GATE_LR=1 gives the plain recipe
+  sets+=(--set "data.recall_fraction=${RECALL:-0.5}")
   step window_student "${DISTILL_LIMIT:-560}" python3 benchmarks/window_student.py --teacher "$TEACHER" \
     --data "$MIXTURE" --recipe long_context --device "$DEVICE" --work "$WORK" \
     --samples 4 --json "$OUT/window_student_long.json" "${sets[@]}"
