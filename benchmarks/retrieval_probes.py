@@ -25,20 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
+def digit_score(model: Any, tokenizer: Any, sample: Any) -> float:
+    """Teacher-forced: the share of the key's tokens (spaces excluded) that `model` predicts top-1, given
+    the prompt and the key's tokens before each one."""
+    prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
+    pred = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(answer)].argmax(-1).tolist()
+    digits = [(p, a) for p, a in zip(pred, answer) if tokenizer.decode([a]).strip()]
+    return sum(p == a for p, a in digits) / max(1, len(digits))
+
+
 def key_digits(model: Any, tokenizer: Any, length: int, per_depth: int) -> float:
     from qwerky.eval.longctx import passkey
 
     rng = random.Random(0)
-    scores = []
-    for depth in (0.1, 0.3, 0.5):
-        for _ in range(per_depth):
-            s = passkey.generate(tokenizer, length - 8, depth, rng)
-            prompt = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-            answer = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
-            logits = model(torch.tensor([prompt + answer])).logits[0]
-            pred = logits[len(prompt) - 1: len(prompt) - 1 + len(answer)].argmax(-1).tolist()
-            digits = [(p, a) for p, a in zip(pred, answer) if tokenizer.decode([a]).strip()]
-            scores.append(sum(p == a for p, a in digits) / max(1, len(digits)))
+    scores = [digit_score(model, tokenizer, passkey.generate(tokenizer, length - 8, depth, rng))
+              for depth in (0.1, 0.3, 0.5) for _ in range(per_depth)]
     return 100 * sum(scores) / len(scores)
 
 

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversion_fidelity import run  # noqa: E402
+from retrieval_probes import digit_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,15 +79,9 @@ def _answer_token_accuracy(models: dict[str, Any], tokenizer: Any, lengths: list
     items = make_samples("passkey", tokenizer, lengths, depths, samples, seed=0)
     out: dict[str, dict[str, float]] = {}
     for name, model in models.items():
-        dev = next(model.parameters()).device
         per_len: dict[int, list[float]] = {}
         for s in items:
-            prompt = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-            answer = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + answer], device=dev)
-            pred = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(answer)].argmax(-1).tolist()
-            digits = [(p, a) for p, a in zip(pred, answer) if tokenizer.decode([a]).strip()]
-            per_len.setdefault(s.length, []).append(sum(p == a for p, a in digits) / max(1, len(digits)))
+            per_len.setdefault(s.length, []).append(digit_score(model, tokenizer, s))
         out[name] = {str(n): 100 * sum(v) / len(v) for n, v in per_len.items()}
     return out
 

@@ -34,11 +34,16 @@ class RecallRows:
             raise DataError(f"recall fraction must be in [0, 1], got {fraction}")
         if min_gap < 1:
             raise DataError(f"recall min_gap must be >= 1, got {min_gap}")
-        longest = 16 + 2 * max(1, seq_len // 16) + min_gap
+        longest = self.tokens_needed(seq_len, min_gap)
         if fraction and longest > seq_len:
             raise DataError(f"a recall row needs at least {longest} tokens (two passages and a gap of {min_gap}); "
                             f"seq_len {seq_len} is too short: lower data.recall_min_gap or raise seq_len")
         self.fraction, self.min_gap, self.seq_len, self.seed = float(fraction), int(min_gap), int(seq_len), int(seed)
+
+    @staticmethod
+    def tokens_needed(seq_len: int, min_gap: int) -> int:
+        """The shortest row that holds the latest start, two shortest passages and the gap."""
+        return 16 + 2 * max(1, seq_len // 16) + min_gap
 
     def layout(self, counter: int) -> tuple[int, int, int] | None:
         """(start, length, gap) for the row with this global counter, or None to leave it as it is."""

@@ -215,6 +215,7 @@ def apply_override(recipe: Recipe, item: str) -> None:
 
 
 def validate(recipe: Recipe) -> None:
+    from qwerky.data.recall import RecallRows
     from qwerky.modeling.configuration_qwerky import MIXERS
 
     if recipe.student.mixer not in MIXERS:
@@ -225,7 +226,7 @@ def validate(recipe: Recipe) -> None:
     if d.recall_fraction:
         for n in (1, 2, 3, 4):
             s = recipe.stage(n)
-            need = 16 + 2 * max(1, s.seq_len // 16) + d.recall_min_gap
+            need = RecallRows.tokens_needed(s.seq_len, d.recall_min_gap)
             if s.enabled and (d.recall_min_gap < 1 or need > s.seq_len):
                 raise RecipeError(f"data.recall_min_gap={d.recall_min_gap} does not fit stage{n}.seq_len={s.seq_len} "
                                   f"(a recall row needs {need} tokens); lower the gap or set data.recall_fraction=0")
