@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixer", default="rwkv7", choices=["rwkv7", "rwkv6", "window"])
     p.add_argument("--recipe", default="default")
     p.add_argument("--teacher", type=Path, default=None, help="default: the embedded teacher")
+    p.add_argument("--data", type=Path, default=None, help="distillation text (default: python-docs-train)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--reuse", type=Path, help="a finished student folder: only print its table")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "conversion_fidelity.json"))
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse:
         report = json.loads((args.reuse / "report.json").read_text())
     else:
-        report = run(Path(args.out), args.mixer, args.recipe, args.set, args.teacher)
+        report = run(Path(args.out), args.mixer, args.recipe, args.set, args.teacher, args.data, args.device)
     table, rows = stage_table(report)
     print(f"conversion fidelity: mixer {report['recipe']['student']['mixer']}, recipe {report['recipe']['name']}")
     print(table)

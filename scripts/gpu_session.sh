@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one prepared script (a borrowed GPU comes for minutes, not hours).
+# Independent jobs run side by side: the GPU is far from busy with tiny models, and the machine has 16 cores.
 #
-#   bash scripts/gpu_session.sh checks    # fla vs PyTorch parity (bf16, capped autotuning), models on CUDA vs
-#                                         # CPU, speed vs SDPA, a short conversion single-process and under
-#                                         # torchrun + FSDP2 (NCCL, bf16); then pre-trains the long-document
-#                                         # teacher for issue 6 (~70 s on an H100)
-#   bash scripts/gpu_session.sh distill   # issue 6 on that teacher: window baseline / RWKV-7 / window student
+#   bash scripts/gpu_session.sh all        # checks + passkey at once (~7 min on an H100): the default
+#   bash scripts/gpu_session.sh checks     # fla vs PyTorch parity (bf16 to T=4096, decode; fp32 with autotuning
+#                                          # capped), a short conversion under torchrun + FSDP2 over NCCL
+#                                          # (QWERKY_FSDP=1 on one GPU), and training with the fla kernels
+#   bash scripts/gpu_session.sh passkey    # issue 6: a 512-token retrieval teacher (continued from TEACHER_INIT
+#                                          # with more retrieval documents and copy rows), then a pure RWKV-7
+#                                          # student and window students at GPU budgets, passkey and probes
+#   bash scripts/gpu_session.sh distill    # issue 6 on a long-document teacher (TEACHER; see docs/gpu.md)
 #
 # Results (JSON, logs) go to $OUT (default /tmp/qwerky-gpu). Wheels in .whl/ (flash-linear-attention,
 # fla-core, transformers) are installed into /tmp/site first when present; nothing is downloaded.
-# Knobs: LONG_STEPS / RETRIEVAL_DOCS / COPY_STEPS (teacher; the first COPY_STEPS steps train induction
-# heads on random-token copy rows: no teacher trained on text alone could copy a pass key even in its own
-# context), DISTILL_SCALE / DISTILL_LIMIT (distillation budget and time limit), QWERKY_KERNELS=torch (skip
-# Triton in the distillation), TEACHER / MIXTURE (reuse a teacher), RECALL / GATE_LR (distill: share of recall
-# rows, gate lr multiplier).
+# Knobs: TEACHER_INIT (a 512-token retrieval teacher to continue from, e.g. a carried copy of the one in
+# docs/window_student.md), TEACHER_S / TEACHER_STEPS (its time budget and schedule), SCALE (student tokens as
+# a multiple of benchmarks/recipes/retrieval_cpu.yaml), STUDENT_LIMIT (seconds per student), DEVICE, and for
+# `distill`: DISTILL_SCALE / DISTILL_LIMIT / RECALL / GATE_LR.
 #
 # Learned on the first loan (2026-11-26, H100, docs/gpu.md): fla's fp32 kernels compiled and autotuned for
-# over 160 s before their first result, so parity runs in bf16 with autotuning capped to one config; the
-# whole distillation pipeline ran at 130-210k tokens/s with the PyTorch kernels, so DISTILL_SCALE=1 (14M
-# tokens per student) takes about 1.5 minutes per student.
+# over 160 s before their first result, so they run in their own job with autotuning capped to one config;
+# the distillation pipeline ran at 130-210k tokens/s with the PyTorch kernels.
 set -u
 OUT=${OUT:-/tmp/qwerky-gpu}
 WORK=${WORK:-/tmp/qwerky-work}
@@ -27,67 +29,103 @@ if [ -d .whl ] && [ ! -d /tmp/site/fla ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH="$PWD/src:/tmp/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
 CORPUS=src/qwerky/assets/corpus
-TEACHER=${TEACHER:-$WORK/long-teacher}
 DEVICE=${DEVICE:-cuda}
-MIXTURE=${MIXTURE:-$TEACHER/mixture.jsonl.gz}
-LOG=$OUT/session.log
+SCALE=${SCALE:-8}
 
-step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failure, log everything
+step() {  # step NAME SECONDS CMD...: time limit, own log in $OUT/NAME.log, keep going on failure
   local name=$1 limit=$2; shift 2
-  echo "== $(date +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
+  echo "== $(date +%T) start $name (limit ${limit}s): $*" >>"$OUT/session.log"
   local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  echo "== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
-  tail -n 25 "$LOG" | grep -v "^== " | sed 's/^/   /' | tr '\r' '\n' | tail -n 25
+  echo "== $(date +%T) $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/session.log"
+  tr '\r' '\n' <"$OUT/$name.log" | grep -v "it/s]$" | tail -n 12 | sed "s/^/   [$name] /"
 }
 
 # the default recipe at ~1/4 of its tokens on the embedded teacher (append --out DIR)
-TINY=(-m qwerky convert --teacher src/qwerky/assets/teacher --data "$CORPUS"/python-docs-train.jsonl.gz
+TINY=(convert --teacher src/qwerky/assets/teacher --data "$CORPUS"/python-docs-train.jsonl.gz
   --heldout "$CORPUS"/python-docs-validation.jsonl.gz --overwrite
   --set stage1.tokens=100000 --set stage2.tokens=200000 --set stage3.tokens=100000 --set stage4.tokens=50000
   --set train.checkpoint_every=1000)
 
-case "${1:-checks}" in
-checks)
-  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
-  GPU_CHECK_NO_FLA_F32=1 step gpu_check 150 python3 benchmarks/gpu_check.py --autotune-configs 1 \
-    --budget-s 120 --json "$OUT/gpu_check.json"
-  step long_teacher 280 python3 scripts/train_teacher.py --device cuda --tokenizer src/qwerky/assets/teacher \
-    --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
-    --retrieval-docs "${RETRIEVAL_DOCS:-8000}" --mixture-out "$MIXTURE" \
-    --copy-warmup-steps "${COPY_STEPS:-3000}" --copy-fraction 0.1 \
-    --hidden-size 384 --layers 6 --heads 6 --kv-heads 2 --intermediate-size 1024 --seq-len 2048 \
-    --batch-size 32 --steps "${LONG_STEPS:-5000}" --warmup-steps 30 --lr 2e-3 --time-budget 230 \
-    --save-dtype bfloat16 --out "$TEACHER"
-  cp "$TEACHER/training.json" "$OUT/long_teacher_training.json" 2>/dev/null
-  if [ -f "$TEACHER/config.json" ]; then  # bring the teacher back in parts of at most 15 MiB
-    tar -C "$(dirname "$TEACHER")" --exclude mixture.jsonl.gz -cf - "$(basename "$TEACHER")" \
-      | split -b 15M - "$OUT/long_teacher.tar.part-"
-  fi
-  step convert_1gpu 90 python3 "${TINY[@]}" --out "$WORK/tiny-1gpu"
-  step convert_fsdp 90 python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29555 \
-    "${TINY[@]}" --out "$WORK/tiny-fsdp"
-  python3 - "$WORK" "$OUT/convert_reports.json" <<'EOF' >>"$LOG" 2>&1
+checks() {
+  GPU_CHECK_NO_FLA_F32=1 step kernels_bf16 200 python3 benchmarks/gpu_check.py --sections env kernels \
+    --autotune-configs 1 --budget-s 170 --json "$OUT/gpu_check_bf16.json" &
+  step kernels_fp32 330 python3 benchmarks/gpu_check.py --sections kernels --autotune-configs 1 --budget-s 300 \
+    --json "$OUT/gpu_check_fp32.json" &
+  QWERKY_FSDP=1 QWERKY_KERNELS=torch step fsdp_nccl 200 python3 -m torch.distributed.run --nproc_per_node 1 \
+    --master_port 29555 -m qwerky "${TINY[@]}" --out "$WORK/tiny-fsdp" &
+  { QWERKY_KERNELS=torch step train_torch 200 python3 -m qwerky "${TINY[@]}" --out "$WORK/tiny-torch"
+    QWERKY_KERNELS=fla step train_fla 280 python3 scripts/capped_qwerky.py "${TINY[@]}" --out "$WORK/tiny-fla"
+    QWERKY_FSDP=1 QWERKY_KERNELS=fla step fsdp_fla 150 python3 -m torch.distributed.run --nproc_per_node 1 \
+      --master_port 29556 scripts/capped_qwerky.py "${TINY[@]}" --out "$WORK/tiny-fsdp-fla"; } &
+  wait
+  python3 - "$WORK" "$OUT/convert_reports.json" <<'PY' 2>&1 | tee -a "$OUT/session.log"
 import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 res = {}
-for name in ("tiny-1gpu", "tiny-fsdp"):
+for name in ("tiny-torch", "tiny-fsdp", "tiny-fla", "tiny-fsdp-fla"):
     f = work / name / "report.json"
-    res[name] = json.loads(f.read_text()) if f.exists() else None
-out.write_text(json.dumps(res, indent=2))
-for name, r in res.items():
+    r = json.loads(f.read_text()) if f.exists() else None
+    res[name] = r and {"quality": r["quality"], "parallel": r.get("parallel"), "wall_s": r["wall_s"],
+                       "stages": [{k: s.get(k) for k in ("stage", "tokens", "tokens_per_s", "final_loss", "seconds")}
+                                  for s in r["stages"]]}
     if r:
-        print(name, "quality", {k: round(v, 4) for k, v in r["quality"]["student"].items()},
+        print(name, {k: round(v, 4) for k, v in r["quality"]["student"].items()}, "parallel", r.get("parallel"),
               "tok/s", [s.get("tokens_per_s") for s in r["stages"]])
-EOF
-  ;;
-distill)
+    else:
+        print(name, "no report")
+out.write_text(json.dumps(res, indent=2))
+PY
+}
+
+passkey() {
+  local RT=$WORK/rt T=$WORK/rt/teacher
+  local init=${TEACHER_INIT:-.gpu_carry/retrieval-teacher}
+  mkdir -p "$RT"
+  step teacher "$(( ${TEACHER_S:-100} + 90 ))" python3 scripts/train_teacher.py --device "$DEVICE" --init-from "$init" \
+    --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
+    --retrieval-docs 20000 --retrieval-chars 400 2500 --copy-fraction 0.1 --seed 2 --seq-len 512 \
+    --batch-size 32 --steps "${TEACHER_STEPS:-2500}" --warmup-steps 20 --lr 1e-3 --time-budget "${TEACHER_S:-100}" \
+    --eval-tokens 65536 --save-dtype bfloat16 --mixture-out "$RT/mixture.jsonl.gz" --out "$T"
+  cp "$T/training.json" "$OUT/teacher_training.json" 2>/dev/null
+  [ -f "$T/config.json" ] || { echo "no teacher: passkey part stops here"; return; }
+  local R=benchmarks/recipes/retrieval_cpu.yaml sets=()
+  for s in stage1 stage2 stage3; do
+    sets+=(--set "$s.tokens=$(python3 -c "import yaml; print(int(yaml.safe_load(open('$R'))['$s']['tokens'] * $SCALE))")")
+  done
+  local lim=${STUDENT_LIMIT:-270}
+  fid() { local name=$1 mixer=$2; shift 2
+    step "student_$name" "$lim" python3 benchmarks/conversion_fidelity.py --mixer "$mixer" --recipe "$R" --teacher "$T" \
+      --data "$RT/mixture.jsonl.gz" --device "$DEVICE" --out "$RT/$name" --json "$OUT/fidelity_$name.json" \
+      "${sets[@]}" --set train.checkpoint_every=100000 --set train.threads=1 "$@"; }
+  QWERKY_KERNELS=torch fid rwkv7 rwkv7 &
+  QWERKY_KERNELS=torch fid window window &
+  QWERKY_KERNELS=torch fid window_focus window --set stage2.kl_focus=0.5 --set stage3.kl_focus=0.5 &
+  QWERKY_KERNELS=torch fid window_ownqk window --set student.branch_own_qk=true --set stage2.kl_focus=1.0 \
+    --set stage3.kl_focus=1.0 &
+  wait
+  local students=() s
+  for s in window window_focus window_ownqk rwkv7; do [ -f "$RT/$s/report.json" ] && students+=("$RT/$s"); done
+  if [ -f "$RT/rwkv7/report.json" ] && [ -f "$RT/window/report.json" ]; then
+    step window_student 120 python3 benchmarks/window_student.py --teacher "$T" --rwkv7 "$RT/rwkv7" \
+      --window "$RT/window" --device "$DEVICE" --samples 4 --passkey-multiples 1,2,4 \
+      --json "$OUT/window_student_retrieval.json" &
+  fi
+  [ ${#students[@]} -gt 0 ] && step probes 120 python3 benchmarks/retrieval_probes.py --teacher "$T" \
+    --students "$(IFS=,; echo "${students[*]}")" --lengths 512,1024,2048 --json "$OUT/retrieval_probes.json" &
+  wait
+}
+
+case "${1:-all}" in
+all) checks & passkey & wait ;;
+checks) checks ;;
+passkey) passkey ;;
+distill)  # the long-document teacher of the first loan (TEACHER, with TEACHER/mixture.jsonl.gz)
+  TEACHER=${TEACHER:-$WORK/long-teacher}
   scale=${DISTILL_SCALE:-1}
   sets=()
   for s in stage1 stage2 stage3 stage4; do
@@ -95,15 +133,10 @@ distill)
 print(int(r['$s']['tokens'] * $scale))")
     sets+=(--set "$s.tokens=$t" --set "$s.gate_lr_scale=${GATE_LR:-20}")
   done
-  # recall rows (passages written again past the window) and fast gates: the settings of the CPU retrieval
-  # run in docs/window_student.md; RECALL=0 GATE_LR=1 gives the plain recipe
   sets+=(--set "data.recall_fraction=${RECALL:-0.5}")
-  step window_student "${DISTILL_LIMIT:-560}" python3 benchmarks/window_student.py --teacher "$TEACHER" \
-    --data "$MIXTURE" --recipe long_context --device "$DEVICE" --work "$WORK" \
+  step window_student_long "${DISTILL_LIMIT:-560}" python3 benchmarks/window_student.py --teacher "$TEACHER" \
+    --data "$TEACHER/mixture.jsonl.gz" --recipe long_context --device "$DEVICE" --work "$WORK" \
     --samples 4 --json "$OUT/window_student_long.json" "${sets[@]}"
-  for m in rwkv7 window; do
-    cp "$WORK/qwerky-fidelity-$m/report.json" "$OUT/report_long_$m.json" 2>/dev/null
-  done
   ;;
 esac
-ls -la "$OUT" | tee -a "$LOG"
+ls -la "$OUT" | tee -a "$OUT/session.log"

@@ -132,3 +132,26 @@ def test_fsdp_two_processes_match_one(teacher_dir: Path, text_file: Path, tmp_pa
     a = load_file(tmp_path / "one" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_forced_fsdp_on_one_process_matches_plain_run(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """QWERKY_FSDP=1 (how a single-GPU machine checks the sharded path) trains exactly like the plain run."""
+    extra = ["--stages", "1,2", "--no-eval"]
+    one = _run_cli(_args(teacher_dir, text_file, tmp_path / "one", extra))
+    assert one.wait() == 0, one.stderr.read()
+    env = dict(os.environ, OMP_NUM_THREADS="1", QWERKY_FSDP="1")
+    forced = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                             "29534", "-m", "qwerky", *_args(teacher_dir, text_file, tmp_path / "fsdp", extra)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    parallel = json.loads((tmp_path / "fsdp" / "report.json").read_text())["parallel"]
+    assert parallel == {"fsdp2": True, "world_size": 1, "forced": True, "device": "cpu"}
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["parallel"]["fsdp2"] is False
+    la = [json.loads(x) for x in (tmp_path / "one.run" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "fsdp.run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in la] == [(r["stage"], r["step"]) for r in lb]
+    for ra, rb in zip(la, lb):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), (ra, rb)
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

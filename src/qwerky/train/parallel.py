@@ -21,10 +21,11 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    forced: bool = False  # QWERKY_FSDP=1: the sharded path on one process (to check it on a single GPU)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -32,17 +33,22 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Start the process group when launched by torchrun; pick the device."""
+    """Start the process group when launched by torchrun; pick the device.
+
+    `QWERKY_FSDP=1` under torchrun takes the FSDP2 path even with one process: NCCL refuses two ranks on
+    one GPU, so this is how a single-GPU machine checks the sharded code (process group, fully_shard,
+    mixed precision, sharded checkpoints) end to end."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    forced = os.environ.get("QWERKY_FSDP", "") == "1" and "RANK" in os.environ
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or forced) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, forced=forced and world == 1)
 
 
 def _shard_units(base: nn.Module, layers: nn.ModuleList, embed: nn.Module, head: nn.Module,

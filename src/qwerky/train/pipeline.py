@@ -188,6 +188,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         shard_teacher(teacher, t_layers)
         shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
                       bf16=info.device.type == "cuda" and recipe.train.precision != "fp32")
+        log.info("FSDP2: teacher and student sharded over %d process(es) (%s)%s", info.world_size,
+                 "nccl" if info.device.type == "cuda" else "gloo", ", forced by QWERKY_FSDP=1" if info.forced else "")
     autocast = _autocast(recipe.train.precision, info.device)
     ac = recipe.train.activation_checkpointing
     if ac == "on" or (ac == "auto" and info.device.type == "cuda"):
@@ -284,6 +286,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                      "eval_windows": int(windows.shape[0]) if windows is not None else 0,
                      "eval_seq_len": recipe.data.eval_seq_len},
             "wall_s": round(time.perf_counter() - t_start, 1),
+            "parallel": {"fsdp2": info.enabled, "world_size": info.world_size, "forced": info.forced,
+                         "device": str(info.device)},
         }
         md = render_report_md(report)
         save_student(export_model, tokenizer, job.out, extra_files={"report.json": report, "report.md": md})
