@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh passkey    # issue 6: a 512-token retrieval teacher (continued from TEACHER_INIT
 #                                          # with more retrieval documents and copy rows), then a pure RWKV-7
 #                                          # student and window students at GPU budgets, passkey and probes
+#   bash scripts/gpu_session.sh fsdp       # only the FSDP2 conversions (plain and fla) and a single-process one
 #   bash scripts/gpu_session.sh distill    # issue 6 on a long-document teacher (TEACHER; see docs/gpu.md)
 #
 # Results (JSON, logs) go to $OUT (default /tmp/qwerky-gpu). Wheels in .whl/ (flash-linear-attention,
@@ -62,6 +63,20 @@ checks() {
     QWERKY_FSDP=1 QWERKY_KERNELS=fla step fsdp_fla 150 python3 -m torch.distributed.run --nproc_per_node 1 \
       --master_port 29556 scripts/capped_qwerky.py "${TINY[@]}" --out "$WORK/tiny-fsdp-fla"; } &
   wait
+  convert_summary
+}
+
+fsdp() {  # the FSDP2 runs alone (plain, and with the fla kernels), with the single-process run to compare
+  QWERKY_FSDP=1 QWERKY_KERNELS=torch step fsdp_nccl 200 python3 -m torch.distributed.run --nproc_per_node 1 \
+    --master_port 29555 -m qwerky "${TINY[@]}" --out "$WORK/tiny-fsdp" &
+  QWERKY_KERNELS=torch step train_torch 200 python3 -m qwerky "${TINY[@]}" --out "$WORK/tiny-torch" &
+  QWERKY_FSDP=1 QWERKY_KERNELS=fla step fsdp_fla 200 python3 -m torch.distributed.run --nproc_per_node 1 \
+    --master_port 29556 scripts/capped_qwerky.py "${TINY[@]}" --out "$WORK/tiny-fsdp-fla" &
+  wait
+  convert_summary
+}
+
+convert_summary() {
   python3 - "$WORK" "$OUT/convert_reports.json" <<'PY' 2>&1 | tee -a "$OUT/session.log"
 import json, sys
 from pathlib import Path
@@ -123,6 +138,7 @@ passkey() {
 case "${1:-all}" in
 all) checks & passkey & wait ;;
 checks) checks ;;
+fsdp) fsdp ;;
 passkey) passkey ;;
 distill)  # the long-document teacher of the first loan (TEACHER, with TEACHER/mixture.jsonl.gz)
   TEACHER=${TEACHER:-$WORK/long-teacher}

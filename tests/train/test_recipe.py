@@ -80,3 +80,12 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(RecipeError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+
+
+@pytest.mark.parametrize(("raw", "word"), [("on", "on"), ("off", "off"), ("auto", "auto"), ("yes", "on")])
+def test_on_off_words_survive_yaml_booleans(raw: str, word: str, tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare `on`/`off` as a boolean; a word-valued field must still get the word."""
+    assert load_recipe("default", [f"train.activation_checkpointing={raw}"]).train.activation_checkpointing == word
+    f = tmp_path / "r.yaml"
+    f.write_text(f"train:\n  activation_checkpointing: {raw}\n")
+    assert load_recipe(str(f)).train.activation_checkpointing == word

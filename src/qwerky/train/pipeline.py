@@ -192,8 +192,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                  "nccl" if info.device.type == "cuda" else "gloo", ", forced by QWERKY_FSDP=1" if info.forced else "")
     autocast = _autocast(recipe.train.precision, info.device)
     ac = recipe.train.activation_checkpointing
-    if ac == "on" or (ac == "auto" and info.device.type == "cuda"):
-        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_ac = ac == "on" or (ac == "auto" and info.device.type == "cuda")
     evals: dict[str, Any] = {}
     windows = None
     if cache is not None and len(cache.heldout) > recipe.data.eval_seq_len:
@@ -231,6 +230,13 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         batches = PackedBatches(cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
                                 rank=info.rank, world_size=info.world_size, recall=recall)
         params = trainable_parameters(stage, student, spec)
+        # Stage 1 feeds every layer the teacher's stream, so only the mixers' own activations are saved
+        # and checkpointing would buy nothing. Under FSDP2 it would also break: the loss reads each mixer's
+        # output, not its layer's, so the layer's unit is never unsharded before its recomputation.
+        if use_ac and stage > 1:
+            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif use_ac:
+            student.model.gradient_checkpointing_disable()
         student.train()
         taps = TeacherTaps(teacher) if stage == 1 else None
         stage_resume = resume["stage_state"] if resume is not None and resume.get("stage") == stage else None

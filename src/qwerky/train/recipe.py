@@ -160,6 +160,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             raise RecipeError(f"recipe field '{where}' must be a list, got {value!r}")
         return value
     if isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off/yes/no as a boolean; the field wants the word
+            return "on" if value else "off"
         return str(value)
     return value
 
@@ -249,5 +251,6 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"stage{n}.lr must be positive, got {s.lr}")
     if recipe.train.precision not in ("auto", "fp32", "bf16"):
         raise RecipeError(f"train.precision must be auto, fp32 or bf16, got '{recipe.train.precision}'")
-    if recipe.train.activation_checkpointing not in ("auto", "on", "off"):
-        raise RecipeError("train.activation_checkpointing must be auto, on or off")
+    ac = recipe.train.activation_checkpointing
+    if ac not in ("auto", "on", "off"):
+        raise RecipeError(f"train.activation_checkpointing must be auto, on or off, got '{ac}'")
