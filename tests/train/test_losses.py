@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from qwerky.train.losses import alignment_loss, chunked_ce, chunked_kl
 
 
-def test_chunked_kl_matches_full() -> None:
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_kl_matches_full(recompute: bool) -> None:
     torch.manual_seed(0)
     head_s, head_t = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(16, 50, bias=False)
     hs = torch.randn(3, 37, 16, requires_grad=True)
     ht = torch.randn(3, 37, 16)
-    loss = chunked_kl(hs, ht, head_s, head_t, chunk=8)
+    loss = chunked_kl(hs, ht, head_s, head_t, chunk=8, recompute=recompute)
     loss.backward()
     g = hs.grad.clone()
     hs.grad = None
@@ -32,6 +34,7 @@ def test_chunked_ce_matches_full() -> None:
     ids = torch.randint(0, 50, (2, 21))
     ref = F.cross_entropy(head(h[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
     assert torch.allclose(chunked_ce(h, ids, head, chunk=4), ref, rtol=1e-5)
+    assert torch.allclose(chunked_ce(h, ids, head, chunk=4, recompute=False), ref, rtol=1e-5)
 
 
 def test_alignment_loss_scaling() -> None:

@@ -41,12 +41,14 @@ def focus_weights(kl: torch.Tensor, focus: float, cap: float = 20.0) -> torch.Te
 def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                student_head: Callable[[torch.Tensor], torch.Tensor],
                teacher_head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 128,
-               focus: float = 0.0) -> torch.Tensor:
+               focus: float = 0.0, recompute: bool = True) -> torch.Tensor:
     """KL(teacher || student) per token (mean, natural log), temperature 1; `focus` > 0 weights each
     position by its own KL (see `focus_weights`; normalised within each chunk of positions).
 
     Logits are made chunk by chunk of sequence positions from the final hidden states; the student's
     chunk is recomputed in backward (activation checkpointing), so peak memory is one chunk of B x chunk x V.
+    `recompute=False` keeps every chunk's logits for backward instead (B x T x V): the FSDP2 path needs it,
+    because recomputing a sharded head inside a checkpoint runs before FSDP gathers its weight.
     """
     B, T, _ = student_hidden.shape
     total = student_hidden.new_zeros((), dtype=torch.float32)
@@ -54,7 +56,7 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
         sl = slice(start, min(start + chunk, T))
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[:, sl])
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
+        if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             total = total + checkpoint(_kl_chunk, student_hidden[:, sl], t_logits, student_head, focus,
                                        use_reentrant=False)
         else:
@@ -63,7 +65,8 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 
 
 def chunked_ce(student_hidden: torch.Tensor, input_ids: torch.Tensor,
-               student_head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 128) -> torch.Tensor:
+               student_head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 128,
+               recompute: bool = True) -> torch.Tensor:
     """Next-token cross-entropy (stage 4 without a teacher), chunked like `chunked_kl`."""
     B, T, _ = student_hidden.shape
     hidden, targets = student_hidden[:, :-1], input_ids[:, 1:]
@@ -74,7 +77,7 @@ def chunked_ce(student_hidden: torch.Tensor, input_ids: torch.Tensor,
     total = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, T - 1, chunk):
         sl = slice(start, min(start + chunk, T - 1))
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
+        if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             total = total + checkpoint(piece, hidden[:, sl], targets[:, sl], use_reentrant=False)
         else:
             total = total + piece(hidden[:, sl], targets[:, sl])

@@ -128,13 +128,18 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
             return sum(alignment_loss(y, target) for y, target in pairs) / n_mixers
         return align
 
+    from torch.distributed.fsdp import FSDPModule
+
+    # a sharded head is not recomputed inside a checkpoint (see chunked_kl): FSDP2 runs keep the logits
+    recompute = not isinstance(student.lm_head, FSDPModule)
+
     def distill(ids: torch.Tensor) -> torch.Tensor:
         s_hidden = student.hidden_states(ids)
         if spec.loss == "ce":
-            return chunked_ce(s_hidden, ids, s_head, spec.logits_chunk)
+            return chunked_ce(s_hidden, ids, s_head, spec.logits_chunk, recompute)
         with torch.no_grad():
             t_hidden = t_base(input_ids=ids, use_cache=False).last_hidden_state
-        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk, spec.kl_focus)
+        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk, spec.kl_focus, recompute)
     return distill
 
 
