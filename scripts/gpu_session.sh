@@ -10,14 +10,16 @@
 #                                          # with more retrieval documents and copy rows), then a pure RWKV-7
 #                                          # student and window students at GPU budgets, passkey and probes
 #   bash scripts/gpu_session.sh fsdp       # only the FSDP2 conversions (plain and fla) and a single-process one
-#   bash scripts/gpu_session.sh distill    # issue 6 on a long-document teacher (TEACHER; see docs/gpu.md)
+#   bash scripts/gpu_session.sh long-teacher  # pre-trains the 2048-token teacher of the first loan (~4 min)
+#   bash scripts/gpu_session.sh distill    # issue 6 on that teacher (TEACHER; trained first when missing)
 #
 # Results (JSON, logs) go to $OUT (default /tmp/qwerky-gpu). Wheels in .whl/ (flash-linear-attention,
 # fla-core, transformers) are installed into /tmp/site first when present; nothing is downloaded.
 # Knobs: TEACHER_INIT (a 512-token retrieval teacher to continue from, e.g. a carried copy of the one in
 # docs/window_student.md), TEACHER_S / TEACHER_STEPS (its time budget and schedule), SCALE (student tokens as
 # a multiple of benchmarks/recipes/retrieval_cpu.yaml), STUDENT_LIMIT (seconds per student), DEVICE, and for
-# `distill`: DISTILL_SCALE / DISTILL_LIMIT / RECALL / GATE_LR.
+# `long-teacher` / `distill`: TEACHER, LONG_STEPS / RETRIEVAL_DOCS / COPY_STEPS, DISTILL_SCALE / DISTILL_LIMIT /
+# RECALL / GATE_LR.
 #
 # Learned on the first loan (2026-11-26, H100, docs/gpu.md): fla's fp32 kernels compiled and autotuned for
 # over 160 s before their first result, so they run in their own job with autotuning capped to one config;
@@ -140,8 +142,19 @@ all) checks & passkey & wait ;;
 checks) checks ;;
 fsdp) fsdp ;;
 passkey) passkey ;;
-distill)  # the long-document teacher of the first loan (TEACHER, with TEACHER/mixture.jsonl.gz)
+long-teacher|distill)  # the long-document teacher of the first loan, then (distill) its students
   TEACHER=${TEACHER:-$WORK/long-teacher}
+  if [ ! -f "$TEACHER/config.json" ]; then  # copy rows first: no small teacher trained on text alone retrieves
+    step long_teacher 280 python3 scripts/train_teacher.py --device cuda --tokenizer src/qwerky/assets/teacher \
+      --train "$CORPUS"/python-docs-train.jsonl.gz --validation "$CORPUS"/python-docs-validation.jsonl.gz \
+      --retrieval-docs "${RETRIEVAL_DOCS:-8000}" --mixture-out "$TEACHER/mixture.jsonl.gz" \
+      --copy-warmup-steps "${COPY_STEPS:-3000}" --copy-fraction 0.1 \
+      --hidden-size 384 --layers 6 --heads 6 --kv-heads 2 --intermediate-size 1024 --seq-len 2048 \
+      --batch-size 32 --steps "${LONG_STEPS:-5000}" --warmup-steps 30 --lr 2e-3 --time-budget 230 \
+      --save-dtype bfloat16 --out "$TEACHER"
+    cp "$TEACHER/training.json" "$OUT/long_teacher_training.json" 2>/dev/null
+  fi
+  [ "$1" = distill ] || { ls -la "$OUT"; exit 0; }
   scale=${DISTILL_SCALE:-1}
   sets=()
   for s in stage1 stage2 stage3 stage4; do
