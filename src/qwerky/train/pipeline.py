@@ -188,6 +188,9 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         shard_teacher(teacher, t_layers)
         shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
                       bf16=info.device.type == "cuda" and recipe.train.precision != "fp32")
+        if info.device.type == "cuda" and torch.__version__ < (2, 13):
+            log.warning("FSDP2 on CUDA with torch %s is untested: on torch 2.11 an earlier version of this path "
+                        "failed on an H100 (docs/gpu.md); qwerky pins torch 2.13", torch.__version__)
         log.info("FSDP2: teacher and student sharded over %d process(es) (%s)%s", info.world_size,
                  "nccl" if info.device.type == "cuda" else "gloo", ", forced by QWERKY_FSDP=1" if info.forced else "")
     autocast = _autocast(recipe.train.precision, info.device)
