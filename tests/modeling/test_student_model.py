@@ -139,6 +139,37 @@ def test_blocked_window_attention_equals_one_block(window: int, sinks: int) -> N
     _close(torch.cat(parts, 1)[real], ref[real], 1e-5)
 
 
+def test_window_cache_is_a_ring_of_the_last_positions() -> None:
+    """Prefill, then one token at a time far past the window: the cache holds exactly the last W positions
+    (position p in slot p % W), the sinks hold positions 0..S-1, and the keys are the ones written there;
+    the per-token output equals the one-shot attention all along."""
+    from qwerky.modeling.ops_window import empty_cache, window_attention
+
+    torch.manual_seed(1)
+    B, T, H, Hk, D, W, S = 2, 90, 2, 1, 4, 16, 3
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hk, D), torch.randn(B, T, Hk, D)
+    pos = torch.arange(T).expand(B, T).clone()
+    pos[1, :5] = -1  # row 1: left padding, so its positions lag row 0's by 5
+    pos[1, 5:] -= 5
+    ref = window_attention(q, k, v, pos, 0.5, W, S)
+    cache = empty_cache(B, Hk, D, W, S, torch.float32)
+    outs = [window_attention(q[:, :10], k[:, :10], v[:, :10], pos[:, :10], 0.5, W, S, cache=cache)]
+    for t in range(10, T):
+        outs.append(window_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], pos[:, t:t + 1], 0.5, W, S,
+                                     cache=cache))
+    real = pos >= 0
+    _close(torch.cat(outs, 1)[real], ref[real], 1e-5)
+    for row in range(B):
+        last = int(pos[row, -1])
+        want = torch.arange(last - W + 1, last + 1)
+        assert sorted(cache["kpos"][row].tolist()) == want.tolist()
+        assert cache["kpos"][row].tolist() == [int(want[(want % W) == s_][0]) for s_ in range(W)]
+        col = {int(p_): i for i, p_ in enumerate(pos[row].tolist())}
+        assert torch.equal(cache["k"][row], k[row, [col[int(p_)] for p_ in cache["kpos"][row]]])
+        assert cache["spos"][row].tolist() == list(range(S))
+        assert torch.equal(cache["sk"][row], k[row, [col[s_] for s_ in range(S)]])
+
+
 @pytest.mark.parametrize("branch_rope,center,own_qk", [(False, True, False), (True, False, False),
                                                        (True, True, False), (False, True, True)])
 def test_window_branch_rope_option(branch_rope: bool, center: bool, own_qk: bool) -> None:

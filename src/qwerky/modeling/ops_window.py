@@ -99,16 +99,29 @@ def empty_cache(batch_size: int, num_kv_heads: int, head_dim: int, window: int |
 
 def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   window: int | None, num_sinks: int) -> None:
+    """Write the new keys/values. Window slots form a ring (position p lives in slot p % window), and both
+    updates are scatters with no data-dependent shapes: nothing here waits for the GPU, so a decode step
+    queues its kernels without a host sync (and can be captured in a CUDA graph)."""
     k = k.to(cache["k"].dtype)
     v = v.to(cache["v"].dtype)
-    if "sk" in cache:
-        rows, cols = ((positions >= 0) & (positions < num_sinks)).nonzero(as_tuple=True)
-        if rows.numel():
-            slot = positions[rows, cols]
-            cache["sk"][rows, slot] = k[rows, cols]
-            cache["sv"][rows, slot] = v[rows, cols]
-            cache["spos"][rows, slot] = positions[rows, cols]
-    keep = None if window is None else window
-    for name, new in (("k", k), ("v", v), ("kpos", positions)):
-        joined = torch.cat([cache[name], new], dim=1)
-        cache[name] = joined if keep is None else joined[:, joined.shape[1] - keep:].contiguous()
+    if "sk" in cache:  # sink slot s takes the token at position s, if this call holds it
+        sink = torch.arange(num_sinks, device=positions.device)
+        hit = (positions[:, :, None] == sink).to(k.dtype)  # [B, T, S]; positions are unique per row
+        got = hit.amax(1).bool()  # [B, S]
+        cache["sk"] = torch.where(got[..., None, None], torch.einsum("bts,bthd->bshd", hit, k), cache["sk"])
+        cache["sv"] = torch.where(got[..., None, None], torch.einsum("bts,bthd->bshd", hit, v), cache["sv"])
+        cache["spos"] = torch.where(got, sink, cache["spos"])
+    if window is None:  # a growing cache (the hybrid layers' full attention)
+        for name, new in (("k", k), ("v", v), ("kpos", positions)):
+            cache[name] = torch.cat([cache[name], new], dim=1)
+        return
+    # keep the last `window` positions of each row; everything else goes to a dump slot that is cut off
+    pos = torch.cat([cache["kpos"], positions], 1)  # [B, W + T]
+    newest = pos.amax(1, keepdim=True)
+    keep = (pos >= 0) & (pos > newest - window)
+    slot = torch.where(keep, pos.remainder(window), window)
+    for name, new, fill in (("k", k, 0), ("v", v, 0), ("kpos", positions, -1)):
+        joined = torch.cat([cache[name], new], 1)
+        index = slot.view(*slot.shape, *([1] * (joined.dim() - 2))).expand_as(joined)
+        ring = joined.new_full((joined.shape[0], window + 1, *joined.shape[2:]), fill)
+        cache[name] = ring.scatter_(1, index, joined)[:, :window]
