@@ -3,7 +3,7 @@
 Each layer holds a dict of tensors whose first dimension is the batch row:
   rwkv7:  S [B, H, D, D] fp32
   rwkv6:  S [B, H, D, D] fp32, shift [B, C] (last token's input, for the token shift)
-  window: S as rwkv7, plus the last W keys/values (k, v [B, W, Hk, D], kpos [B, W]) and the
+  window: S as rwkv7, plus the last W keys/values as a ring (k, v [B, W, Hk, D], kpos [B, W]; p in slot p % W), the
           first S sink keys/values (sk, sv [B, S, Hk, D], spos [B, S]); positions -1 mark empty slots
   attention (hybrid layers only): k, v [B, L, Hk, D], kpos [B, L]; L grows with the context
 Rows may sit at different positions (continuous batching); `position` counts real tokens per row.
