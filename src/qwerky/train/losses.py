@@ -47,8 +47,8 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 
     Logits are made chunk by chunk of sequence positions from the final hidden states; the student's
     chunk is recomputed in backward (activation checkpointing), so peak memory is one chunk of B x chunk x V.
-    `recompute=False` keeps every chunk's logits for backward instead (B x T x V): the FSDP2 path needs it,
-    because recomputing a sharded head inside a checkpoint runs before FSDP gathers its weight.
+    `recompute=False` keeps every chunk's logits for backward instead (B x T x V): FSDP2 on torch < 2.13
+    needs it, because there the recomputation of a sharded head runs before FSDP gathers its weight.
     """
     B, T, _ = student_hidden.shape
     total = student_hidden.new_zeros((), dtype=torch.float32)

@@ -130,8 +130,9 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
 
     from torch.distributed.fsdp import FSDPModule
 
-    # a sharded head is not recomputed inside a checkpoint (see chunked_kl): FSDP2 runs keep the logits
-    recompute = not isinstance(student.lm_head, FSDPModule)
+    # torch < 2.13's FSDP2 cannot recompute a sharded head inside a checkpoint (an H100 run failed there, see
+    # docs/gpu.md; 2.13 supports a head called per chunk), so there the chunks' logits are kept for backward
+    recompute = not (isinstance(student.lm_head, FSDPModule) and torch.__version__ < (2, 13))
 
     def distill(ids: torch.Tensor) -> torch.Tensor:
         s_hidden = student.hidden_states(ids)
