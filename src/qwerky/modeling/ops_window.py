@@ -115,6 +115,15 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
         for name, new in (("k", k), ("v", v), ("kpos", positions)):
             cache[name] = torch.cat([cache[name], new], dim=1)
         return
+    if positions.shape[1] == 1:  # decode: write the one new entry into its slot, in place
+        slot = positions.clamp_min(0).remainder(window)  # [B, 1]
+        valid = positions >= 0
+        for name, new in (("k", k), ("v", v), ("kpos", positions)):
+            buf = cache[name]
+            index = slot.view(*slot.shape, *([1] * (buf.dim() - 2))).expand_as(new)
+            keep_old = valid.view(*valid.shape, *([1] * (buf.dim() - 2)))
+            buf.scatter_(1, index, torch.where(keep_old, new, buf.gather(1, index)))
+        return
     # keep the last `window` positions of each row; everything else goes to a dump slot that is cut off
     pos = torch.cat([cache["kpos"], positions], 1)  # [B, W + T]
     newest = pos.amax(1, keepdim=True)
@@ -124,4 +133,4 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
         joined = torch.cat([cache[name], new], 1)
         index = slot.view(*slot.shape, *([1] * (joined.dim() - 2))).expand_as(joined)
         ring = joined.new_full((joined.shape[0], window + 1, *joined.shape[2:]), fill)
-        cache[name] = ring.scatter_(1, index, joined)[:, :window]
+        cache[name] = ring.scatter_(1, index, joined)[:, :window].contiguous()
