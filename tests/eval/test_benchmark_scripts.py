@@ -1,4 +1,4 @@
-"""benchmarks/retrieval_probes.py end to end on tiny models: its tables and JSON keep their shape."""
+"""Benchmark scripts end to end on tiny models: their tables and JSON keep their shape."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_script():  # noqa: ANN202 - a module
-    spec = importlib.util.spec_from_file_location("retrieval_probes", ROOT / "benchmarks" / "retrieval_probes.py")
+def _load_script(name: str = "retrieval_probes"):  # noqa: ANN202 - a module
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,3 +30,14 @@ def test_retrieval_probes_runs_with_distance_table(teacher_dir: Path, student_di
         assert len(row["key_digits_by_depth"]) == len(probes.DISTANCE_DEPTHS)
     printed = capsys.readouterr().out
     assert "key digits at 160 tokens by how far back the key is" in printed
+
+
+def test_decode_speed_reports_a_ratio_per_mixer(teacher_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    speed = _load_script("decode_speed")
+    out = tmp_path / "speed.json"
+    assert speed.main(["--teacher", str(teacher_dir), "--mixers", "rwkv7,window", "--batch", "2", "--prefill",
+                       "24", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["rwkv7", "window"]
+    assert rows[0]["ratio"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| window |" in capsys.readouterr().out
