@@ -34,9 +34,10 @@ def _sync(device: torch.device) -> None:
 def decode_rate(model: Any, batch: int, prefill: int, steps: int) -> float:
     """Tokens/s of `steps` single-token decode calls after a `prefill`-token prompt."""
     device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
     state = model.init_state(batch)
-    model(torch.randint(5, 1000, (batch, prefill), device=device), past_key_values=state, use_cache=True)
-    tok = torch.randint(5, 1000, (batch, 1), device=device)
+    model(torch.randint(0, vocab, (batch, prefill), device=device), past_key_values=state, use_cache=True)
+    tok = torch.randint(0, vocab, (batch, 1), device=device)
     model(tok, past_key_values=state, use_cache=True)  # warm-up step
     _sync(device)
     t0 = time.perf_counter()
