@@ -121,8 +121,8 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
         for name, new in (("k", k), ("v", v), ("kpos", positions)):
             buf = cache[name]
             index = slot.view(*slot.shape, *([1] * (buf.dim() - 2))).expand_as(new)
-            keep_old = valid.view(*valid.shape, *([1] * (buf.dim() - 2)))
-            buf.scatter_(1, index, torch.where(keep_old, new, buf.gather(1, index)))
+            real = valid.view(*valid.shape, *([1] * (buf.dim() - 2)))  # a padding token leaves its slot as it was
+            buf.scatter_(1, index, torch.where(real, new, buf.gather(1, index)))
         return
     # keep the last `window` positions of each row; everything else goes to a dump slot that is cut off
     pos = torch.cat([cache["kpos"], positions], 1)  # [B, W + T]
