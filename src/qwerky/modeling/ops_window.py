@@ -104,6 +104,9 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
     queues its kernels without a host sync (and can be captured in a CUDA graph)."""
     k = k.to(cache["k"].dtype)
     v = v.to(cache["v"].dtype)
+    if positions.shape[1] == 1 and window is not None:
+        _write_one(cache, k, v, positions, window, num_sinks)
+        return
     if "sk" in cache:  # sink slot s takes the token at position s, if this call holds it
         sink = torch.arange(num_sinks, device=positions.device)
         hit = (positions[:, :, None] == sink).to(k.dtype)  # [B, T, S]; positions are unique per row
@@ -115,15 +118,6 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
         for name, new in (("k", k), ("v", v), ("kpos", positions)):
             cache[name] = torch.cat([cache[name], new], dim=1)
         return
-    if positions.shape[1] == 1:  # decode: write the one new entry into its slot, in place
-        slot = positions.clamp_min(0).remainder(window)  # [B, 1]
-        valid = positions >= 0
-        for name, new in (("k", k), ("v", v), ("kpos", positions)):
-            buf = cache[name]
-            index = slot.view(*slot.shape, *([1] * (buf.dim() - 2))).expand_as(new)
-            real = valid.view(*valid.shape, *([1] * (buf.dim() - 2)))  # a padding token leaves its slot as it was
-            buf.scatter_(1, index, torch.where(real, new, buf.gather(1, index)))
-        return
     # keep the last `window` positions of each row; everything else goes to a dump slot that is cut off
     pos = torch.cat([cache["kpos"], positions], 1)  # [B, W + T]
     newest = pos.amax(1, keepdim=True)
@@ -134,3 +128,18 @@ def _update_cache(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tens
         index = slot.view(*slot.shape, *([1] * (joined.dim() - 2))).expand_as(joined)
         ring = joined.new_full((joined.shape[0], window + 1, *joined.shape[2:]), fill)
         cache[name] = ring.scatter_(1, index, joined)[:, :window].contiguous()
+
+
+def _write_one(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               window: int, num_sinks: int) -> None:
+    """Decode: write the one new entry of each row into its ring slot (and its sink slot while position <
+    num_sinks), in place; a padding token (position -1) leaves every slot as it was."""
+    writes = [("", positions.clamp_min(0).remainder(window), positions >= 0)]
+    if "sk" in cache:
+        writes.append(("s", positions.clamp(0, num_sinks - 1), (positions >= 0) & (positions < num_sinks)))
+    for prefix, slot, ok in writes:
+        for name, new in (("k", k), ("v", v), ("pos" if prefix else "kpos", positions)):
+            buf = cache[prefix + name]
+            index = slot.view(*slot.shape, *([1] * (buf.dim() - 2))).expand_as(new)
+            real = ok.view(*ok.shape, *([1] * (buf.dim() - 2)))
+            buf.scatter_(1, index, torch.where(real, new, buf.gather(1, index)))
