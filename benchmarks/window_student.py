@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversion_fidelity import run  # noqa: E402
+from decode_speed import decode_rate  # noqa: E402
 from retrieval_probes import digit_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +39,6 @@ def _convert_or_load(path: Path | None, default: Path, mixer: str, args: argpars
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _memory_and_speed(models: dict[str, Any], contexts: list[int], steps: int, batch: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -54,16 +49,7 @@ def _memory_and_speed(models: dict[str, Any], contexts: list[int], steps: int, b
             state = model.init_state(1)
             model(torch.randint(5, 1000, (1, ctx), device=dev), past_key_values=state, use_cache=True)
             row[f"state_bytes_at_{ctx}"] = state.nbytes()
-        state = model.init_state(batch)
-        model(torch.randint(5, 1000, (batch, 512), device=dev), past_key_values=state, use_cache=True)
-        tok = torch.randint(5, 1000, (batch, 1), device=dev)
-        model(tok, past_key_values=state, use_cache=True)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(tok, past_key_values=state, use_cache=True)
-        _sync(dev)
-        row["decode_tokens_per_s"] = batch * steps / (time.perf_counter() - t0)
+        row["decode_tokens_per_s"] = decode_rate(model, batch, prefill=512, steps=steps)
         out[name] = row
     return out
 

@@ -134,12 +134,13 @@ def _write_one(cache: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                window: int, num_sinks: int) -> None:
     """Decode: write the one new entry of each row into its ring slot (and its sink slot while position <
     num_sinks), in place; a padding token (position -1) leaves every slot as it was."""
-    writes = [("", positions.clamp_min(0).remainder(window), positions >= 0)]
+    writes = [(("k", "v", "kpos"), positions.clamp_min(0).remainder(window), positions >= 0)]
     if "sk" in cache:
-        writes.append(("s", positions.clamp(0, num_sinks - 1), (positions >= 0) & (positions < num_sinks)))
-    for prefix, slot, ok in writes:
-        for name, new in (("k", k), ("v", v), ("pos" if prefix else "kpos", positions)):
-            buf = cache[prefix + name]
+        writes.append((("sk", "sv", "spos"), positions.clamp(0, num_sinks - 1),
+                       (positions >= 0) & (positions < num_sinks)))
+    for names, slot, ok in writes:
+        for name, new in zip(names, (k, v, positions)):
+            buf = cache[name]
             index = slot.view(*slot.shape, *([1] * (buf.dim() - 2))).expand_as(new)
             real = ok.view(*ok.shape, *([1] * (buf.dim() - 2)))
             buf.scatter_(1, index, torch.where(real, new, buf.gather(1, index)))

@@ -32,6 +32,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def fsdp_recomputes_chunked_head() -> bool:
+    """Whether FSDP2 here can recompute the sharded head inside the chunked loss's checkpoint: torch 2.13
+    supports a grouped unit whose head is called per chunk; on torch 2.11 an H100 run failed there
+    (docs/gpu.md), so older versions keep the chunks' logits instead (and are warned about)."""
+    return torch.__version__ >= (2, 13)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Start the process group when launched by torchrun; pick the device.
 

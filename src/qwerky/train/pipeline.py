@@ -26,7 +26,15 @@ from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_toke
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
 from .loop import JsonlLog, run_stage
-from .parallel import DistInfo, barrier, cleanup, init_distributed, shard_student, shard_teacher
+from .parallel import (
+    DistInfo,
+    barrier,
+    cleanup,
+    fsdp_recomputes_chunked_head,
+    init_distributed,
+    shard_student,
+    shard_teacher,
+)
 from .recipe import Recipe
 from .stages import (
     STAGE_NAMES,
@@ -188,7 +196,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         shard_teacher(teacher, t_layers)
         shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
                       bf16=info.device.type == "cuda" and recipe.train.precision != "fp32")
-        if info.device.type == "cuda" and torch.__version__ < (2, 13):
+        if info.device.type == "cuda" and not fsdp_recomputes_chunked_head():
             log.warning("FSDP2 on CUDA with torch %s is untested: on torch 2.11 an earlier version of this path "
                         "failed on an H100 (docs/gpu.md); qwerky pins torch 2.13", torch.__version__)
         log.info("FSDP2: teacher and student sharded over %d process(es) (%s)%s", info.world_size,

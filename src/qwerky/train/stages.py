@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from qwerky.modeling.layers_common import finalize_logits
 from qwerky.modeling.mixer_window import AttentionMixer
 from qwerky.surgery.families import inspect_teacher
 
 from .losses import alignment_loss, chunked_ce, chunked_kl
+from .parallel import fsdp_recomputes_chunked_head
 from .recipe import StageSpec
 
 STAGE_NAMES = {1: "attention alignment", 2: "logit distillation (mixers)", 3: "logit distillation (all layers)",
@@ -128,11 +130,7 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
             return sum(alignment_loss(y, target) for y, target in pairs) / n_mixers
         return align
 
-    from torch.distributed.fsdp import FSDPModule
-
-    # torch < 2.13's FSDP2 cannot recompute a sharded head inside a checkpoint (an H100 run failed there, see
-    # docs/gpu.md; 2.13 supports a head called per chunk), so there the chunks' logits are kept for backward
-    recompute = not (isinstance(student.lm_head, FSDPModule) and torch.__version__ < (2, 13))
+    recompute = not isinstance(student.lm_head, FSDPModule) or fsdp_recomputes_chunked_head()
 
     def distill(ids: torch.Tensor) -> torch.Tensor:
         s_hidden = student.hidden_states(ids)
