@@ -41,9 +41,8 @@ def _int_list(text: str) -> list[int]:
 def cmd_convert(args: argparse.Namespace) -> int:
     from qwerky.train import ConvertJob, load_recipe, run_conversion
 
-    overrides = list(args.set or [])
-    if args.mixer:
-        overrides.append(f"student.mixer={args.mixer}")
+    overrides = [f"student.mixer={args.mixer}"] if args.mixer else []  # first: a new mixer starts from its
+    overrides += list(args.set or [])  # default options, which --set student.mixer_options.KEY=... then changes
     if args.attention_layers is not None:
         overrides.append(f"student.attention_layers={','.join(map(str, args.attention_layers))}")
     recipe = load_recipe(args.recipe, overrides)
@@ -90,6 +89,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mixers(args: argparse.Namespace) -> int:
+    """List the registered student mixers and their options (the registry is the only list)."""
+    from qwerky.modeling.mixer_base import get_mixer, mixer_names
+
+    for name in mixer_names():
+        cls = get_mixer(name)
+        print(f"{name}: {cls.description or cls.__doc__ or ''}".rstrip())
+        for opt, kind, default, doc in cls.Options.describe():
+            shown = list(default) if isinstance(default, tuple) else default
+            print(f"    {opt} ({kind}, default {shown}): {doc}")
+    print("\nchoose with --mixer NAME; set an option with --set student.mixer_options.OPTION=VALUE")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qwerky.demo import run_demo
 
@@ -118,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stages", type=_stages, default=[1, 2, 3, 4], help="0 = weight transfer only; default 1,2,3,4")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe field, e.g. stage2.tokens=2e5")
-    c.add_argument("--mixer", choices=["rwkv7", "rwkv6", "window"], help="student mixer (recipe student.mixer)")
+    c.add_argument("--mixer", help="student mixer (recipe student.mixer; `qwerky mixers` lists them)")
     c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
     c.add_argument("--run-dir", help="checkpoints, logs and reports (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
@@ -142,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", default=True)
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
     d.set_defaults(func=cmd_demo)
+
+    mx = sub.add_parser("mixers", help="list the student mixers and their options")
+    mx.set_defaults(func=cmd_mixers)
 
     pl = sub.add_parser("plan", help="estimate per-stage memory and time from a config, without loading weights")
     from qwerky.plan import add_plan_arguments

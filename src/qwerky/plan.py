@@ -46,7 +46,7 @@ def make_plan(config: Any, gpus: int, gpu_mem_gb: float, tflops: float, mfu: flo
 
     teacher = teacher_skeleton(config)
     layout = inspect_teacher(teacher)
-    scfg = student_config(teacher, layout, **recipe.student.mixer_options())
+    scfg = student_config(teacher, layout, **recipe.student.convert_kwargs())
     with torch.device("meta"):
         student = QwerkyForCausalLM(scfg)
     p_teacher = _count(teacher)

@@ -1,18 +1,27 @@
 """The converted model's forms agree: parallel = chunked continuation = token-by-token decode, for every
-mixer and family; the window student equals the windowed teacher at initialisation; padding is inert;
-the state's size does not depend on the context length."""
+registered mixer and family; greedy generation equals the parallel argmax; every new parameter is
+initialised (conversion starts from NaN); the window student equals the windowed teacher at
+initialisation; padding is inert; the state's size does not depend on the context length."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from qwerky.modeling.mixer_base import get_mixer, mixer_names
 from qwerky.modeling.state_cache import QwerkyState
 from qwerky.surgery import convert_teacher
 from qwerky_testing import tiny_teacher
 
 FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
-MIXERS = ["rwkv7", "rwkv6", "window"]
+MIXERS = mixer_names()  # every registered student: a new mixer is tested here without an edit
+WINDOW = {"window_size": 8, "num_sinks": 2}
+
+
+def small(mixer: str) -> dict:
+    """Options that make a windowed mixer's window short enough for these sequence lengths to pass it."""
+    fields = {name for name, *_ in get_mixer(mixer).Options.describe()}
+    return {k: v for k, v in WINDOW.items() if k in fields}
 
 
 def _perturb(student: torch.nn.Module, scale: float = 0.05) -> None:
@@ -38,7 +47,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_parallel_equals_pieces_and_steps(family: str, mixer: str) -> None:
     torch.manual_seed(1)
-    student = convert_teacher(tiny_teacher(family), mixer=mixer, window_size=8, num_sinks=2)
+    student = convert_teacher(tiny_teacher(family), mixer=mixer, mixer_options=small(mixer))
     _perturb(student)
     x = torch.randint(0, 384, (2, 45))
     with torch.no_grad():
@@ -56,7 +65,7 @@ def test_parallel_equals_pieces_and_steps(family: str, mixer: str) -> None:
 def test_window_student_equals_windowed_teacher_at_init(family: str) -> None:
     teacher = tiny_teacher(family)
     W, S, T = 8, 2, 30
-    student = convert_teacher(teacher, mixer="window", window_size=W, num_sinks=S)
+    student = convert_teacher(teacher, mixer="window", mixer_options={"window_size": W, "num_sinks": S})
     x = torch.randint(0, 384, (1, T))
     q = torch.arange(T)[:, None]
     k = torch.arange(T)[None, :]
@@ -84,6 +93,30 @@ def test_left_padded_batch_equals_rows_alone() -> None:
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
+def test_every_new_parameter_is_initialised(mixer: str) -> None:
+    """Surgery fills new parameters with NaN; `reset_new_parameters` must set every one of them."""
+    student = convert_teacher(tiny_teacher("qwen3"), mixer=mixer, attention_layers=[1])
+    bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, f"{mixer}: parameters left uninitialised by reset_new_parameters: {bad}"
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.randint(0, 384, (1, 20))).logits).all()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_greedy_generate_equals_parallel_argmax(mixer: str) -> None:
+    torch.manual_seed(3)
+    student = convert_teacher(tiny_teacher("qwen2"), mixer=mixer, mixer_options=small(mixer))
+    _perturb(student)
+    prompt = torch.randint(0, 384, (1, 7))
+    with torch.no_grad():
+        out = student.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                               pad_token_id=0)
+        argmax = student(out).logits[:, prompt.shape[1] - 1:-1].argmax(-1)
+    assert out.shape[1] == prompt.shape[1] + 24
+    assert torch.equal(out[:, prompt.shape[1]:], argmax)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
 def test_state_size_independent_of_context(mixer: str) -> None:
     student = convert_teacher(tiny_teacher("qwen2"), mixer=mixer)
     short, long = student.init_state(1), student.init_state(1)
@@ -106,7 +139,7 @@ def test_hybrid_attention_layers_grow_and_all_attention_equals_teacher() -> None
 
 
 def test_state_select_and_stack_roundtrip() -> None:
-    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2)
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", mixer_options=WINDOW)
     x = torch.randint(0, 384, (3, 15))
     state = student.init_state(3)
     with torch.no_grad():
@@ -170,21 +203,17 @@ def test_window_cache_is_a_ring_of_the_last_positions() -> None:
         assert torch.equal(cache["sk"][row], k[row, [col[s_] for s_ in range(S)]])
 
 
-@pytest.mark.parametrize("branch_rope,center,own_qk", [(False, True, False), (True, False, False),
-                                                       (True, True, False), (False, True, True)])
-def test_window_branch_rope_option(branch_rope: bool, center: bool, own_qk: bool) -> None:
+@pytest.mark.parametrize("branch_rope,center", [(False, True), (True, False), (True, True)])
+def test_window_branch_rope_option(branch_rope: bool, center: bool) -> None:
     """Without RoPE the branch's state holds no positions: the same tokens leave the same state whatever
     position they start at (with RoPE they do not). Either way the recurrent form equals the parallel one,
     and the branch's decays start from `branch_decay_init`."""
     torch.manual_seed(2)
-    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", window_size=8, num_sinks=2,
-                              branch_rope=branch_rope, branch_decay_init=[-9.0, -3.0], branch_center_keys=center,
-                              branch_own_qk=own_qk)
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window",
+                              mixer_options={**WINDOW, "branch_rope": branch_rope, "branch_decay_init": [-9.0, -3.0],
+                                             "branch_center_keys": center})
     mixer = student.mixers[0]
-    assert (mixer.key_offset is not None) == center and (mixer.branch_key is not None) == own_qk
-    if own_qk:  # copies of the teacher's projections, not the same tensors
-        assert torch.equal(mixer.branch_key.weight, mixer.key.weight)
-        assert mixer.branch_key.weight.data_ptr() != mixer.key.weight.data_ptr()
+    assert (mixer.key_offset is not None) == center
     assert mixer.decay_base.min().item() == pytest.approx(-9.0) and mixer.decay_base.max().item() == pytest.approx(-3.0)
     _perturb(student)
     x = torch.randint(0, 384, (1, 30))
@@ -202,33 +231,45 @@ def test_window_branch_rope_option(branch_rope: bool, center: bool, own_qk: bool
     assert same != branch_rope
 
 
-def test_window_config_defaults_and_roundtrip(tmp_path) -> None:
+def test_window_options_roundtrip_and_legacy_configs(tmp_path) -> None:
     from qwerky.modeling.configuration_qwerky import QwerkyConfig
 
-    student = convert_teacher(tiny_teacher("qwen2"), mixer="window", branch_rope=False, branch_decay_init=[-8, -2])
+    student = convert_teacher(tiny_teacher("qwen2"), mixer="window",
+                              mixer_options={"branch_rope": True, "branch_decay_init": [-8, -2]})
     student.config.save_pretrained(tmp_path)
     loaded = QwerkyConfig.from_pretrained(tmp_path)
-    assert loaded.branch_rope is False and loaded.branch_decay_init == [-8.0, -2.0]
-    new_keys = ("branch_rope", "branch_decay_init", "branch_center_keys")
-    old = {k: v for k, v in loaded.to_dict().items() if k not in new_keys}
-    legacy = QwerkyConfig(**old)  # a config written before the options existed keeps the old behaviour
-    assert legacy.branch_rope is True and legacy.branch_decay_init == [-5.0, 1.0]
-    assert legacy.branch_center_keys is False
-    with pytest.raises(ValueError, match="branch_decay_init"):
-        QwerkyConfig(teacher_config=None, branch_decay_init=[1.0, -1.0])
+    assert loaded.mixer_options == {"window_size": 64, "num_sinks": 4, "branch_rope": True,
+                                    "branch_decay_init": [-8.0, -2.0], "branch_center_keys": True}
+    # a config written before mixer_options: flat fields, and absent ones mean the defaults of that time
+    old = {k: v for k, v in loaded.to_dict().items() if k != "mixer_options"}
+    legacy = QwerkyConfig(**old, window_size=32, branch_rope=False)
+    assert legacy.mixer_options == {"window_size": 32, "num_sinks": 4, "branch_rope": False,
+                                    "branch_decay_init": [-5.0, 1.0], "branch_center_keys": False}
+    rwkv = QwerkyConfig(**{**old, "mixer": "rwkv7"}, window_size=64, num_sinks=4)  # every old config had these
+    assert rwkv.mixer_options == {}
+    with pytest.raises(ValueError, match="removed from qwerky"):
+        QwerkyConfig(**old, branch_own_qk=True)
+    with pytest.raises(ValueError, match="mixer_options"):
+        QwerkyConfig(**loaded.to_dict(), window_size=8)
+    with pytest.raises(ValueError, match="branch_decay_init must be"):
+        convert_teacher(tiny_teacher("qwen2"), mixer="window", mixer_options={"branch_decay_init": [1.0, -1.0]})
+    with pytest.raises(ValueError, match="unknown option"):
+        convert_teacher(tiny_teacher("qwen2"), mixer="rwkv7", mixer_options={"window_size": 8})
+    with pytest.raises(ValueError, match="choose one of"):
+        convert_teacher(tiny_teacher("qwen2"), mixer="rwkv9")
 
 
-def test_center_branch_keys_centres_and_keeps_the_start() -> None:
+def test_calibration_centres_the_branch_keys_and_keeps_the_start() -> None:
     """The offsets are the mean branch key of the sample, so the centred keys average to zero there; with
     the gate still at zero the student still equals the window baseline."""
-    from qwerky.surgery import center_branch_keys
+    from qwerky.surgery import calibrate_mixers
 
     teacher = tiny_teacher("qwen3")  # q/k norms: the offset lives in the normed key space
-    student = convert_teacher(teacher, mixer="window", window_size=8, num_sinks=2, branch_center_keys=True)
+    student = convert_teacher(teacher, mixer="window", mixer_options={**WINDOW, "branch_center_keys": True})
     x = torch.randint(0, 384, (3, 40))
     with torch.no_grad():
         before = student(x).logits
-    assert center_branch_keys(student, x) == len(student.mixers)
+    assert calibrate_mixers(student, x) == len(student.mixers)
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, kw: inputs.__setitem__(mod.layer_idx, kw.get("hidden_states",
              a[0] if a else None)), with_kwargs=True) for m in student.mixers]
@@ -242,4 +283,4 @@ def test_center_branch_keys_centres_and_keeps_the_start() -> None:
     for h in hooks:
         h.remove()
     _close(after, before, 1e-6)
-    assert center_branch_keys(convert_teacher(teacher, mixer="rwkv7"), x) == 0  # nothing to centre
+    assert calibrate_mixers(convert_teacher(teacher, mixer="rwkv7"), x) == 0  # nothing to calibrate

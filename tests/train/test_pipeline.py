@@ -63,8 +63,8 @@ def test_window_student_with_recall_rows(teacher_dir: Path, text_file: Path, tmp
              "--set", "data.recall_fraction=0.5", "--set", "data.recall_min_gap=16"]
     assert main(_args(teacher_dir, text_file, out, extra)) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["branch_rope"] is False and config["branch_center_keys"] is True
-    assert config["branch_decay_init"] == [-9.0, -3.0]
+    assert config["mixer_options"] == {"window_size": 64, "num_sinks": 4, "branch_rope": False,
+                                       "branch_decay_init": [-9.0, -3.0], "branch_center_keys": True}
     weights = load_file(out / "model.safetensors")
     offsets = [v for k, v in weights.items() if k.endswith("key_offset")]
     assert len(offsets) == config["num_hidden_layers"] and all(o.abs().sum() > 0 for o in offsets)

@@ -38,10 +38,13 @@ def test_overrides_are_typed() -> None:
     assert r.stage3.lr == pytest.approx(3e-4)
     assert r.student.attention_layers == [1, 3]
     assert r.train.tensorboard is True and r.student.mixer == "window"
-    opts = load_recipe("default", ["student.mixer=window", "student.branch_rope=true",
-                                   "student.branch_decay_init=[-8,-2]"]).student.mixer_options()
-    assert opts["branch_rope"] is True and opts["branch_decay_init"] == [-8, -2] and opts["window_size"] == 64
-    assert "branch_rope" not in load_recipe("default").student.mixer_options()  # only the window mixer has it
+    opts = load_recipe("default", ["student.mixer=window", "student.mixer_options.branch_rope=true",
+                                   "student.mixer_options.branch_decay_init=[-8,-2]"]).student.mixer_options
+    assert opts == {"branch_rope": True, "branch_decay_init": [-8, -2]}  # the rest: the mixer's own defaults
+    assert load_recipe("default").student.convert_kwargs()["mixer_options"] == {}
+    # changing the mixer drops options written for the previous one; options set after it stay
+    r = load_recipe("default", ["student.mixer=window", "student.mixer_options.window_size=32", "student.mixer=rwkv7"])
+    assert r.student.mixer == "rwkv7" and r.student.mixer_options == {}
 
 
 @pytest.mark.parametrize("item,needle", [
@@ -49,15 +52,26 @@ def test_overrides_are_typed() -> None:
     ("stage9.tokens=5", "unknown recipe field 'stage9'"),
     ("stage2.tokens=many", "must be an integer"),
     ("stage2", "KEY=VALUE"),
-    ("student.mixer=mamba", "student.mixer must be one of"),
+    ("student.mixer=mamba", "unknown mixer 'mamba'; choose one of"),
     ("stage4.loss=mse", "stage4.loss must be"),
-    ("student.branch_decay_init=[-3,-9]", "student.branch_decay_init must be [lowest, highest]"),
-    ("student.branch_decay_init=[-3]", "student.branch_decay_init must be [lowest, highest]"),
+    ("student.mixer_options.window_size=8", "student.mixer_options: unknown option(s) window_size"),
+    ("student.branch_rope=true", "'student.branch_rope' was moved to student.mixer_options.branch_rope"),
+    ("stage2.kl_focus=0.5", "'stage2.kl_focus' was removed"),
     ("data.recall_fraction=2", "data.recall_fraction must be in [0, 1]"),
 ])
 def test_bad_overrides(item: str, needle: str) -> None:
     with pytest.raises(RecipeError, match=re.escape(needle)):
         load_recipe("default", [item])
+
+
+@pytest.mark.parametrize("items,needle", [
+    (["student.mixer=window", "student.mixer_options.branch_decay_init=[-3,-9]"], "branch_decay_init must be"),
+    (["student.mixer=window", "student.mixer_options.branch_decay_init=[-3]"], "must have 2 entries"),
+    (["student.mixer=window", "student.mixer_options.window_size=wide"], "window_size must be an integer"),
+])
+def test_bad_mixer_options(items: list[str], needle: str) -> None:
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        load_recipe("default", items)
 
 
 def test_recall_gap_must_fit_every_enabled_stage() -> None:

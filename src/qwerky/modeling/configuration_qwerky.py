@@ -10,7 +10,11 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-MIXERS = ("rwkv7", "rwkv6", "window")
+# Window-mixer fields that configs written before `mixer_options` kept at the top level, with the values
+# those configs meant when a field was absent (the defaults of their time, not today's).
+LEGACY_WINDOW_OPTIONS = {"window_size": 64, "num_sinks": 4, "branch_rope": True, "branch_decay_init": [-5.0, 1.0],
+                         "branch_center_keys": False}
+REMOVED_OPTIONS = ("branch_own_qk",)  # measured as no gain (docs/window_student.md) and removed
 
 
 def lora_rank(hidden_size: int, exponent: float, multiplier: float) -> int:
@@ -23,26 +27,14 @@ class QwerkyConfig(PretrainedConfig):
 
     Attributes:
         teacher_config: the teacher's HF config; embeddings, MLPs, norms and head are built from it.
-        mixer: "rwkv7" (RAD-RWKV7, default), "rwkv6" (RAD-RWKV6) or "window" (softmax over the last
-            `window_size` tokens + `num_sinks` sinks, plus an RWKV-7 state for everything older).
+        mixer: the registered student mixer in every converted layer (`qwerky mixers` lists them).
+        mixer_options: that mixer's options, validated by its own Options dataclass when the model is built.
         attention_layers: layer indices that keep the teacher's full attention (a hybrid).
         attention_name: attribute name of the attention module inside each decoder layer.
         num_heads / num_kv_heads / head_dim: attention geometry taken from the teacher.
         attention_scaling: the teacher's softmax scale (used by window/full attention).
-        use_rope: apply the teacher's RoPE to receptance/key (RWKV-7 and window mixers).
+        use_rope: apply the teacher's RoPE to receptance/key (set from the teacher and the mixer at conversion).
         has_qk_norm: per-head q/k norms exist in the teacher (Qwen3); kept as r/k norms.
-        window_size / num_sinks: geometry of the window mixer.
-        branch_rope: window mixer: rotate the RWKV-7 branch's r/k with RoPE too. Off, the state holds no
-            positions, so what it learned at the training length holds past it (method.md reports that
-            dropping RoPE on the linear path helps length generalisation). True for configs that predate it.
-        branch_decay_init: window mixer: (lowest, highest) initial decay logit of the branch's channels;
-            the window covers the last tokens, so the branch's decays can start slow (-5..1 predates it).
-        branch_center_keys: window mixer: the branch reads with keys minus a per-channel offset (`key_offset`,
-            set to the mean key of real text before training). Softmax ignores what all keys share; a
-            linear state does not, and a shared component drowns its reads and, through the delta rule's
-            removal, erases its memory. False for configs that predate it.
-        branch_own_qk: window mixer: the branch has its own receptance/key projections (copies of the
-            teacher's q/k at conversion), so that what it learns does not have to suit the window too.
         chunk_size: chunk length of the parallel form.
         lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
@@ -55,6 +47,7 @@ class QwerkyConfig(PretrainedConfig):
         self,
         teacher_config: dict[str, Any] | PretrainedConfig | None = None,
         mixer: str = "rwkv7",
+        mixer_options: dict[str, Any] | None = None,
         attention_layers: list[int] | None = None,
         attention_name: str = "self_attn",
         num_heads: int | None = None,
@@ -63,12 +56,6 @@ class QwerkyConfig(PretrainedConfig):
         attention_scaling: float | None = None,
         use_rope: bool = True,
         has_qk_norm: bool = False,
-        window_size: int = 64,
-        num_sinks: int = 4,
-        branch_rope: bool = True,
-        branch_decay_init: tuple[float, float] | list[float] = (-5.0, 1.0),
-        branch_center_keys: bool = False,
-        branch_own_qk: bool = False,
         chunk_size: int = 64,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
@@ -80,9 +67,17 @@ class QwerkyConfig(PretrainedConfig):
         if isinstance(teacher_config, dict):
             teacher_config = AutoConfig.for_model(**teacher_config)
         self.teacher_config = teacher_config
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        legacy = {k: kwargs.pop(k) for k in (*LEGACY_WINDOW_OPTIONS, *REMOVED_OPTIONS) if k in kwargs}
+        if any(legacy.get(k) for k in REMOVED_OPTIONS):
+            raise ValueError(f"this model uses {', '.join(k for k in REMOVED_OPTIONS if legacy.get(k))}, an option "
+                             "removed from qwerky; load it with trust_remote_code=True (its folder carries its code)")
+        if legacy and mixer_options is not None:
+            raise ValueError(f"{', '.join(legacy)}: mixer options now live in mixer_options (e.g. "
+                             f"mixer_options={{{next(iter(legacy))!r}: ...}})")
+        if mixer_options is None and mixer == "window":  # a config written before mixer_options
+            mixer_options = {k: legacy.get(k, v) for k, v in LEGACY_WINDOW_OPTIONS.items()}
         self.mixer = mixer
+        self.mixer_options = dict(mixer_options or {})
         self.attention_layers = sorted(attention_layers or [])
         self.attention_name = attention_name
         tc = teacher_config
@@ -96,14 +91,6 @@ class QwerkyConfig(PretrainedConfig):
         self.attention_scaling = attention_scaling or (1.0 / math.sqrt(head_dim) if head_dim else None)
         self.use_rope = use_rope
         self.has_qk_norm = has_qk_norm
-        self.window_size = window_size
-        self.num_sinks = num_sinks
-        self.branch_rope = branch_rope
-        if len(branch_decay_init) != 2 or branch_decay_init[0] > branch_decay_init[1]:
-            raise ValueError(f"branch_decay_init must be (lowest, highest), got {branch_decay_init!r}")
-        self.branch_decay_init = [float(x) for x in branch_decay_init]
-        self.branch_center_keys = branch_center_keys
-        self.branch_own_qk = branch_own_qk
         self.chunk_size = chunk_size
         self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)

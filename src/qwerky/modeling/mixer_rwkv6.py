@@ -17,38 +17,39 @@ import torch
 from torch import nn
 
 from .layers_common import LowRank, head_norm, repeat_heads, take_projections
-from .mixer_rwkv7 import ForwardContext
+from .mixer_base import Mixer, MixerOptions, register_mixer
 from .ops_rwkv6 import rwkv6_attention
 
 MIN_LOG_DECAY = -5.0
 
 
-class RWKV6Mixer(nn.Module):
+@register_mixer
+class RWKV6Mixer(Mixer):
     """Replaces one attention block; takes over the teacher attention's projection modules."""
 
-    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool) -> None:
-        super().__init__()
-        C, H, D = config.hidden_size, config.num_heads, config.head_dim
-        self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = H, config.num_kv_heads, D
+    name = "rwkv6"
+    Options = MixerOptions
+    uses_rope = False  # RAD-RWKV6 has no RoPE: the token shift and decays carry position
+    description = "RAD-RWKV6: gated linear attention with data-dependent decay and token shift, no RoPE"
+
+    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool,
+                 options: MixerOptions) -> None:
+        super().__init__(config, layer_idx, attention, first_layer, options)
+        C, H, D = config.hidden_size, self.num_heads, self.head_dim
         take_projections(self, attention)
-        self.shift_base = nn.Parameter(torch.zeros(5, C))  # r, k, v, w, g
+        self.shift_base = nn.Parameter(torch.empty(5, C))  # r, k, v, w, g
         self.shift_lora = LowRank(C, config.decay_rank, 5 * C)
-        self.decay_base = nn.Parameter(torch.linspace(-6.0, 1.0, D).repeat(H))
+        self.decay_base = nn.Parameter(torch.empty(H * D))
         self.decay_lora = LowRank(C, config.decay_rank, H * D)
         self.gate = nn.Linear(C, H * D, bias=False)
-        nn.init.zeros_(self.gate.weight)
-        self.ctx = ForwardContext()
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
-        """(Re)initialise the parameters the teacher did not have (used after meta-device surgery)."""
-        H, D = self.num_heads, self.head_dim
-        self.shift_base.zero_()
+        self.shift_base.zero_()  # no token shift at the start
         self.shift_lora.reset_parameters()
-        self.decay_base.copy_(torch.linspace(-6.0, 1.0, D).repeat(H))
+        self.decay_base.copy_(torch.linspace(-6.0, 1.0, self.head_dim).repeat(self.num_heads))
         self.decay_lora.reset_parameters()
-        self.gate.weight.zero_()
+        self.gate.weight.zero_()  # 2 * sigmoid(0) = 1: the gate starts as the identity
 
     def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
         D, C = self.head_dim, self.shift_base.shape[1]
@@ -56,7 +57,7 @@ class RWKV6Mixer(nn.Module):
                 "shift": torch.zeros(batch_size, C, dtype=self.shift_base.dtype, device=device)}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         x = hidden_states
         B, T, C = x.shape
         H, D = self.num_heads, self.head_dim
@@ -91,4 +92,7 @@ class RWKV6Mixer(nn.Module):
         if layer_state is not None:
             layer_state["S"] = s
         y = y.reshape(B, T, H * D) * (2 * torch.sigmoid(self.gate(xg)))
-        return self.ctx.emit(self.layer_idx, self.output(y))
+        return self.output(y), None
+
+
+from .modeling_qwerky import QwerkyForCausalLM  # noqa: E402,F401  (exported folders' entry point: mixer_base)

@@ -23,62 +23,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers_common import LowRank, family_rope, head_norm, repeat_heads, rotate_qk, take_projections
+from .mixer_base import Mixer, MixerOptions, register_mixer
 from .ops_rwkv7 import rwkv7_attention
 
 LOG_DECAY_SCALE = math.exp(-0.5)
 
 
-class ForwardContext:
-    """What one forward pass shares across layers (set by QwerkyForCausalLM, empty for standalone use)."""
-
-    def __init__(self) -> None:
-        self.state: Any = None  # QwerkyState or None (parallel form from an empty state)
-        self.token_mask: torch.Tensor | None = None  # [B, T] bool, False = padding
-        self.positions: torch.Tensor | None = None  # [B, T] absolute positions, -1 = padding
-        self.v_first: torch.Tensor | None = None  # layer-0 values for the value residual
-        self.backend: str = "auto"
-        # stage 1 (attention alignment): the teacher's attention outputs per layer; when set, each mixer
-        # records (its output, the target) and hands the target on, so every layer sees the teacher's stream
-        self.align_targets: dict[int, torch.Tensor] | None = None
-        self.align_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
-        return None if self.state is None else self.state.layers[layer_idx]
-
-    def emit(self, layer_idx: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What a mixer returns to its decoder layer: (stream tensor, extra) like HF's (output, weights).
-
-        In stage 1 the stream gets the teacher's output and the mixer's own output rides in the second
-        slot, which decoder layers discard; returning it keeps it a module output, so FSDP2's backward
-        hooks see it."""
-        if self.align_targets is None:
-            return output, None
-        target = self.align_targets[layer_idx]
-        self.align_pairs.append((output, target))
-        return target, output
-
-
-class RWKV7Mixer(nn.Module):
+@register_mixer
+class RWKV7Mixer(Mixer):
     """Replaces one attention block; takes over the teacher attention's projection modules."""
 
-    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool) -> None:
-        super().__init__()
-        C, H, D = config.hidden_size, config.num_heads, config.head_dim
-        self.layer_idx, self.first_layer = layer_idx, first_layer
-        self.num_heads, self.num_kv_heads, self.head_dim = H, config.num_kv_heads, D
-        self.use_rope = config.use_rope
-        self.chunk_size = config.chunk_size
+    name = "rwkv7"
+    Options = MixerOptions  # nothing to choose: the method's RAD-RWKV7 as published
+    description = "RAD-RWKV7: generalised delta rule, RoPE on r/k, value residual, gate (the default)"
+
+    def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool,
+                 options: MixerOptions) -> None:
+        super().__init__(config, layer_idx, attention, first_layer, options)
+        C, H, D = config.hidden_size, self.num_heads, self.head_dim
         take_projections(self, attention)
         self.rope_fn = family_rope(attention)
-        self.decay_base = nn.Parameter(torch.linspace(-5.0, 1.0, D).repeat(H))
+        self.decay_base = nn.Parameter(torch.empty(H * D))
         self.decay_lora = LowRank(C, config.decay_rank, H * D)
-        self.iclr_base = nn.Parameter(torch.zeros(H * D))
+        self.iclr_base = nn.Parameter(torch.empty(H * D))
         self.iclr_lora = LowRank(C, config.iclr_rank, H * D, activation="none")
         if not first_layer:
-            self.value_mix_base = nn.Parameter(torch.full((H * D,), -3.0))
+            self.value_mix_base = nn.Parameter(torch.empty(H * D))
             self.value_mix_lora = LowRank(C, config.value_rank, H * D, activation="none")
         self.gate_lora = LowRank(C, config.gate_rank, H * D, activation="sigmoid")
-        self.ctx = ForwardContext()
+
+    def decay_init(self) -> torch.Tensor:
+        """Per-channel starting decay logits: a spread from fast (-5) to slow (1) within each head."""
+        return torch.linspace(-5.0, 1.0, self.head_dim).repeat(self.num_heads)
+
+    @torch.no_grad()
+    def reset_new_parameters(self) -> None:
+        self.decay_base.copy_(self.decay_init())
+        self.decay_lora.reset_parameters()
+        self.iclr_base.zero_()
+        self.iclr_lora.reset_parameters()
+        if not self.first_layer:
+            self.value_mix_base.fill_(-3.0)  # sigmoid(-3) = 0.05: little value residual at the start
+            self.value_mix_lora.reset_parameters()
+        self.gate_lora.reset_parameters()
 
     def _project(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,29 +107,19 @@ class RWKV7Mixer(nn.Module):
             layer_state["S"] = s
         return y
 
-    @torch.no_grad()
-    def reset_new_parameters(self) -> None:
-        """(Re)initialise the parameters the teacher did not have (used after meta-device surgery)."""
-        H, D = self.num_heads, self.head_dim
-        self.decay_base.copy_(torch.linspace(-5.0, 1.0, D).repeat(H))
-        self.decay_lora.reset_parameters()
-        self.iclr_base.zero_()
-        self.iclr_lora.reset_parameters()
-        if not self.first_layer:
-            self.value_mix_base.fill_(-3.0)
-            self.value_mix_lora.reset_parameters()
-        self.gate_lora.reset_parameters()
-
     def init_state(self, batch_size: int, device: torch.device | None) -> dict[str, torch.Tensor]:
         D = self.head_dim
         return {"S": torch.zeros(batch_size, self.num_heads, D, D, dtype=torch.float32, device=device)}
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
         x = hidden_states
         B, T, _ = x.shape
         r, k, v = self._project(x, position_embeddings)
         y = self._recurrent(x, r, k, v, self.ctx.layer_state(self.layer_idx))
         y = y.reshape(B, T, -1) * (1 + self.gate_lora(x))
-        return self.ctx.emit(self.layer_idx, self.output(y))
+        return self.output(y), None
+
+
+from .modeling_qwerky import QwerkyForCausalLM  # noqa: E402,F401  (exported folders' entry point: mixer_base)

@@ -6,6 +6,8 @@ layer code; only the attention module of each decoder layer is swapped for a qwe
 recurrent state travels beside the teacher's forward in a shared ForwardContext rather than through
 transformers' KV-cache classes, so memory per sequence stays fixed whatever the context length.
 
+Which mixer replaces attention is the config's `mixer`, looked up in the registry of `mixer_base`.
+
 Copied into every exported model folder (with its sibling modules): imports nothing from qwerky.
 """
 
@@ -21,9 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_qwerky import QwerkyConfig
 from .layers_common import finalize_logits
-from .mixer_rwkv6 import RWKV6Mixer
-from .mixer_rwkv7 import ForwardContext, RWKV7Mixer
-from .mixer_window import AttentionMixer, WindowMixer
+from .mixer_attention import AttentionMixer
+from .mixer_base import ForwardContext, Mixer, get_mixer
 from .state_cache import QwerkyState
 
 ATTENTION_IMPLEMENTATION = "qwerky"
@@ -37,8 +38,6 @@ def _teacher_attention_is_replaced(*args: Any, **kwargs: Any) -> Any:
 # The teacher's base model runs under this attention implementation: no kernel of the teacher is ever
 # called, and transformers builds no T x T mask for it (it knows no mask function by this name).
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, _teacher_attention_is_replaced)
-
-MIXER_CLASSES = {"rwkv7": RWKV7Mixer, "rwkv6": RWKV6Mixer, "window": WindowMixer}
 
 
 def find_decoder_layers(base_model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -77,15 +76,16 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
         self.model = AutoModel.from_config(teacher_config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.ctx = ForwardContext()
-        self.mixers = []  # plain list: the modules are registered inside the decoder layers
+        self.mixers: list[Mixer] = []  # plain list: the modules are registered inside the decoder layers
+        mixer_cls = get_mixer(config.mixer)
+        options = mixer_cls.Options.parse(config.mixer_options, where=f"{config.mixer} mixer_options")
         layers = find_decoder_layers(self.model, config.num_hidden_layers)
         first_recurrent = next((i for i in range(len(layers)) if i not in config.attention_layers), None)
         for i, layer in enumerate(layers):
             attention = getattr(layer, config.attention_name)
-            if i in config.attention_layers:
-                mixer: nn.Module = AttentionMixer(config, i, attention)
-            else:
-                mixer = MIXER_CLASSES[config.mixer](config, i, attention, first_layer=i == first_recurrent)
+            cls = AttentionMixer if i in config.attention_layers else mixer_cls
+            mixer = cls(config, i, attention, first_layer=i == first_recurrent, options=options)
+            mixer.reset_new_parameters()
             mixer.ctx = self.ctx
             setattr(layer, config.attention_name, mixer)
             self.mixers.append(mixer)
@@ -111,7 +111,8 @@ class QwerkyForCausalLM(QwerkyPreTrainedModel, GenerationMixin):
         """An empty state for `batch_size` sequences; its size never grows for recurrent/window layers."""
         device = device or self.lm_head.weight.device
         layers = [m.init_state(batch_size, device) for m in self.mixers]
-        return QwerkyState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return QwerkyState(layers, torch.zeros(batch_size, dtype=torch.long, device=device),
+                           pad_values=[m.state_pad_values for m in self.mixers])
 
     def set_backend(self, backend: str) -> None:
         """"auto" (fla on CUDA when installed), "fla", "torch" or "naive" for the recurrent kernels."""

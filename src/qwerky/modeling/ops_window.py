@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 from .layers_common import repeat_heads
 
+# stacking rows of different lengths left-pads a growing cache: position -1 marks the padded slots empty
+CACHE_PAD_VALUES = {"kpos": -1, "spos": -1}
+
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, num_sinks: int) -> torch.Tensor:
     """Boolean [B, Tq, Tk]: which key may each query see."""

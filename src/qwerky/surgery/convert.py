@@ -11,12 +11,14 @@ two copies in memory. Training stages that update shared weights must unshare th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from qwerky.modeling.configuration_qwerky import MIXERS, QwerkyConfig
+from qwerky.modeling.configuration_qwerky import QwerkyConfig
+from qwerky.modeling.mixer_base import get_mixer
 from qwerky.modeling.modeling_qwerky import QwerkyForCausalLM
 
 from .families import PROJECTIONS, TeacherLayout, UnsupportedArchitectureError, inspect_teacher
@@ -25,21 +27,21 @@ log = logging.getLogger(__name__)
 
 
 def student_config(teacher: nn.Module, layout: TeacherLayout, mixer: str = "rwkv7",
-                   attention_layers: Sequence[int] = (), window_size: int = 64, num_sinks: int = 4,
+                   attention_layers: Sequence[int] = (), mixer_options: Mapping[str, Any] | None = None,
                    **overrides: object) -> QwerkyConfig:
-    if mixer not in MIXERS:
-        raise ValueError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
+    """The student's config; the mixer's options are validated by its own Options and stored complete."""
+    cls = get_mixer(mixer)
+    options = cls.Options.parse(mixer_options, where=f"{mixer} mixer_options")
     n = teacher.config.num_hidden_layers
     bad = [i for i in attention_layers if not 0 <= i < n]
     if bad:
         raise ValueError(f"attention_layers {bad} out of range: the teacher has layers 0..{n - 1}")
     teacher_config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     return QwerkyConfig(
-        teacher_config=teacher_config, mixer=mixer, attention_layers=list(attention_layers),
-        attention_name=layout.attention_name, num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim, attention_scaling=layout.scaling,
-        use_rope=layout.has_rope and mixer != "rwkv6", has_qk_norm=layout.has_qk_norm,
-        window_size=window_size, num_sinks=num_sinks,
+        teacher_config=teacher_config, mixer=mixer, mixer_options=options.to_dict(),
+        attention_layers=list(attention_layers), attention_name=layout.attention_name, num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, attention_scaling=layout.scaling,
+        use_rope=layout.has_rope and cls.uses_rope, has_qk_norm=layout.has_qk_norm,
         lm_head_bias=getattr(teacher.get_output_embeddings(), "bias", None) is not None, **overrides,
     )
 
@@ -71,10 +73,13 @@ def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_param: bool
 
 
 def convert_teacher(teacher: nn.Module, mixer: str = "rwkv7", attention_layers: Sequence[int] = (),
-                    window_size: int = 64, num_sinks: int = 4, **config_overrides: object) -> QwerkyForCausalLM:
-    """Build the student from a loaded HF causal LM teacher (stage 0). The teacher is left unchanged."""
+                    mixer_options: Mapping[str, Any] | None = None, **config_overrides: object) -> QwerkyForCausalLM:
+    """Build the student from a loaded HF causal LM teacher (stage 0). The teacher is left unchanged.
+
+    New parameters are filled with NaN before the mixers' `reset_new_parameters` sets them, so a parameter
+    a mixer forgets to initialise shows at once (a NaN output), not as a silently random start."""
     layout = inspect_teacher(teacher)
-    config = student_config(teacher, layout, mixer, attention_layers, window_size, num_sinks, **config_overrides)
+    config = student_config(teacher, layout, mixer, attention_layers, mixer_options, **config_overrides)
     with torch.device("meta"):
         student = QwerkyForCausalLM(config)
     keep = set(config.attention_layers)
@@ -101,7 +106,7 @@ def convert_teacher(teacher: nn.Module, mixer: str = "rwkv7", attention_layers: 
             _set_tensor(student, name, t, True)
         else:
             new_params.append(name)
-            _set_tensor(student, name, torch.empty(p.shape, dtype=ref.dtype, device=ref.device), True)
+            _set_tensor(student, name, torch.full(p.shape, float("nan"), dtype=ref.dtype, device=ref.device), True)
     for name in student_buffers:
         if name in teacher_tensors:
             _set_tensor(student, name, teacher_tensors[name][0], False)

@@ -1,16 +1,21 @@
 """The converted-model folder: a standard HF folder that loads with plain transformers.
 
 Layout: config.json (model_type "qwerky", with auto_map), the modeling/configuration code copied from
-`qwerky/modeling/`, model.safetensors, generation_config.json and the teacher's tokenizer files.
+`qwerky/modeling/` (with the student's mixer file wherever it lives), model.safetensors,
+generation_config.json and the teacher's tokenizer files. `auto_map` points the model class at the
+mixer's own module, which re-exports QwerkyForCausalLM: transformers copies the files a module imports,
+so the folder's code is complete whichever mixer it uses (see mixer_base).
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads it without qwerky installed.
 The folder is written to a temporary sibling and moved into place, so a crash never leaves half a model.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,18 +23,37 @@ from typing import Any
 import torch
 
 import qwerky.modeling as modeling_pkg
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_qwerky.QwerkyConfig",
-    "AutoModelForCausalLM": "modeling_qwerky.QwerkyForCausalLM",
-    "AutoModel": "modeling_qwerky.QwerkyForCausalLM",
-}
+from qwerky.modeling.mixer_base import get_mixer
 
 
-def modeling_files() -> list[Path]:
-    """The self-contained model code that travels with every exported folder."""
+def auto_map(mixer: str) -> dict[str, str]:
+    """The config's auto_map: the model class is reached through the mixer's module (see the docstring)."""
+    module = _mixer_module(mixer).__name__.rpartition(".")[2]
+    return {"AutoConfig": "configuration_qwerky.QwerkyConfig",
+            "AutoModelForCausalLM": f"{module}.QwerkyForCausalLM",
+            "AutoModel": f"{module}.QwerkyForCausalLM"}
+
+
+def _mixer_module(mixer: str) -> Any:
+    cls = get_mixer(mixer)
+    module = sys.modules[cls.__module__]
+    if not cls.__module__.startswith(modeling_pkg.__name__ + "."):
+        raise ValueError(f"mixer {mixer!r} is defined in {cls.__module__}; an exported folder can only carry a mixer "
+                         "that is a module of qwerky.modeling (a mixer_*.py file beside mixer_base.py or in a "
+                         "folder named by QWERKY_MIXER_PATH)")
+    if getattr(module, "QwerkyForCausalLM", None) is None:
+        raise ValueError(f"{cls.__module__} must end with `from .modeling_qwerky import QwerkyForCausalLM` "
+                         "(exported folders load the model through the mixer's module; see mixer_base)")
+    return module
+
+
+def modeling_files(mixer: str = "rwkv7") -> list[Path]:
+    """The self-contained model code that travels with every exported folder, the mixer's file included."""
     root = Path(modeling_pkg.__file__).parent
-    return sorted(p for p in root.glob("*.py") if p.name != "__init__.py")
+    files = {p.name: p for p in root.glob("*.py") if p.name != "__init__.py"}
+    own = Path(inspect.getfile(_mixer_module(mixer)))
+    files.setdefault(own.name, own)
+    return sorted(files.values())
 
 
 def atomic_replace_dir(tmp: Path, out: Path) -> None:
@@ -50,15 +74,15 @@ def save_student(student: Any, tokenizer: Any, out_dir: str | Path, extra_files:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        student.config.auto_map = dict(AUTO_MAP)
+        student.config.auto_map = auto_map(student.config.mixer)
         state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                  for k, v in student.state_dict().items()}
         student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        for f in modeling_files():
+        for f in modeling_files(student.config.mixer):
             shutil.copy2(f, tmp / f.name)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["auto_map"] = dict(AUTO_MAP)
+        cfg["auto_map"] = auto_map(student.config.mixer)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

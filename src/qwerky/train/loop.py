@@ -95,11 +95,11 @@ def run_stage(
     stage: int, spec: StageSpec, params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor],
     batches: PackedBatches, info: DistInfo, log: JsonlLog, save_checkpoint: Callable[[dict[str, Any]], None],
     checkpoint_every: int, autocast: contextlib.AbstractContextManager | None = None,
-    resume: dict[str, Any] | None = None, description: str = "", groups: list[dict[str, Any]] | None = None,
+    resume: dict[str, Any] | None = None, description: str = "",
 ) -> dict[str, Any]:
     """Train one stage to its token budget; returns a summary (steps, tokens, wall time, final loss)."""
     total_steps = max(1, math.ceil(spec.tokens / batches.tokens_per_batch))
-    optimizer = torch.optim.AdamW(groups if groups is not None else params, lr=spec.lr, betas=(spec.beta1, spec.beta2),
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=(spec.beta1, spec.beta2),
                                   eps=spec.eps, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
     step, elapsed, last_loss = 0, 0.0, float("nan")

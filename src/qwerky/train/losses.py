@@ -16,34 +16,18 @@ def alignment_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torc
     return diff.mean() * d**-0.5
 
 
-def _kl_chunk(s_hidden: torch.Tensor, t_logits: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-              focus: float = 0.0) -> torch.Tensor:
+def _kl_chunk(s_hidden: torch.Tensor, t_logits: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
     s_logp = F.log_softmax(head(s_hidden).float(), dim=-1)
     t_logp = F.log_softmax(t_logits.float(), dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    if focus:
-        return (kl * focus_weights(kl.detach(), focus)).sum()
-    return kl.sum()
-
-
-def focus_weights(kl: torch.Tensor, focus: float, cap: float = 20.0) -> torch.Tensor:
-    """Per-position weights (kl / mean kl) ** focus, capped, renormalised to mean 1.
-
-    Why: for a student that already matches most tokens (the window student starts at the baseline), the
-    positions it still gets wrong are mostly those that need context it does not carry, such as a key
-    stated hundreds of tokens back. They are a few per thousand, so in a plain mean they hardly move the
-    weights; a focus exponent > 0 makes them count (0 = the plain mean)."""
-    w = (kl / kl.mean().clamp_min(1e-8)).clamp_min(0) ** focus
-    w = w.clamp(max=cap)
-    return w / w.mean().clamp_min(1e-8)
+    return (t_logp.exp() * (t_logp - s_logp)).sum()
 
 
 def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                student_head: Callable[[torch.Tensor], torch.Tensor],
                teacher_head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 128,
-               focus: float = 0.0, recompute: bool = True) -> torch.Tensor:
-    """KL(teacher || student) per token (mean, natural log), temperature 1; `focus` > 0 weights each
-    position by its own KL (see `focus_weights`; normalised within each chunk of positions).
+               recompute: bool = True) -> torch.Tensor:
+    """KL(teacher || student) per token (mean, natural log), temperature 1.
 
     Logits are made chunk by chunk of sequence positions from the final hidden states; the student's
     chunk is recomputed in backward (activation checkpointing), so peak memory is one chunk of B x chunk x V.
@@ -57,10 +41,9 @@ def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[:, sl])
         if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
-            total = total + checkpoint(_kl_chunk, student_hidden[:, sl], t_logits, student_head, focus,
-                                       use_reentrant=False)
+            total = total + checkpoint(_kl_chunk, student_hidden[:, sl], t_logits, student_head, use_reentrant=False)
         else:
-            total = total + _kl_chunk(student_hidden[:, sl], t_logits, student_head, focus)
+            total = total + _kl_chunk(student_hidden[:, sl], t_logits, student_head)
     return total / (B * T)
 
 

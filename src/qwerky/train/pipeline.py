@@ -21,7 +21,7 @@ import torch
 
 from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache, heldout_windows
 from qwerky.data.sources import resolve_sources
-from qwerky.surgery import center_branch_keys, convert_teacher, save_student, unshare_from_teacher
+from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
@@ -42,7 +42,6 @@ from .stages import (
     add_mlp_lora,
     make_loss_fn,
     merge_lora,
-    optimizer_groups,
     trainable_parameters,
 )
 
@@ -152,17 +151,17 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                                       heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
                                       text_field=recipe.data.text_field)
 
-    student = convert_teacher(teacher, **recipe.student.mixer_options())
+    student = convert_teacher(teacher, **recipe.student.convert_kwargs())
     if info.enabled or training:
         # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
         unshare_from_teacher(student, teacher, modules=student.mixers)
     if training and cache is not None:
-        # the same first rows of the training text on every rank, so every rank sets the same offsets
+        # the same first rows of the training text on every rank, so every rank calibrates the same way
         n_rows, row_len = 8, min(recipe.stage(min(training)).seq_len, len(cache.train) // 8)
         sample = torch.from_numpy(np.asarray(cache.train[: n_rows * row_len]).astype(np.int64)).view(n_rows, row_len)
         # (too little text for a sample is left to the batch loader, which names the problem)
-        if row_len >= 2 and center_branch_keys(student, sample):
-            log.info("window branch: keys centred on %d x %d tokens of the training text", n_rows, row_len)
+        if row_len >= 2 and (n := calibrate_mixers(student, sample)):
+            log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
     run_dir.mkdir(parents=True, exist_ok=True)
     if job.overwrite and not job.resume and info.is_main:
         (run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -265,7 +264,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         try:
             summary = run_stage(stage, spec, params, make_loss_fn(stage, spec, student, teacher, taps), batches, info,
                                 logger, save, recipe.train.checkpoint_every, autocast, stage_resume,
-                                STAGE_NAMES[stage], optimizer_groups(student, params, spec))
+                                STAGE_NAMES[stage])
         finally:
             if taps is not None:
                 taps.remove()
@@ -287,7 +286,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         export_model = student
         if info.enabled:
-            export_model = convert_teacher(load_teacher(job.teacher), **recipe.student.mixer_options())
+            export_model = convert_teacher(load_teacher(job.teacher), **recipe.student.convert_kwargs())
             unshare_from_teacher(export_model, teacher)
             if lora:
                 add_mlp_lora(export_model, max(recipe.stage(s).lora_rank for s in training if s >= 3))

@@ -16,9 +16,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from qwerky.modeling.layers_common import finalize_logits
-from qwerky.modeling.mixer_window import AttentionMixer
+from qwerky.modeling.mixer_attention import AttentionMixer
 from qwerky.surgery.families import inspect_teacher
 
+from .alignment import AlignmentTap
 from .losses import alignment_loss, chunked_ce, chunked_kl
 from .parallel import fsdp_recomputes_chunked_head
 from .recipe import StageSpec
@@ -52,23 +53,6 @@ def trainable_parameters(stage: int, student: nn.Module, spec: StageSpec) -> lis
             seen.add(id(p))
             params.append(p)
     return params
-
-
-GATE_PARAMETERS = ("branch_gate", "window_scale")
-
-
-def optimizer_groups(student: nn.Module, params: list[nn.Parameter], spec: StageSpec) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the window mixer's gates get `spec.gate_lr_scale` times the stage lr."""
-    if spec.gate_lr_scale == 1.0:
-        return [{"params": params}]
-    wanted = {id(p) for p in params}
-    gates = [p for n, p in student.named_parameters() if id(p) in wanted and n.rsplit(".", 1)[-1] in GATE_PARAMETERS]
-    gate_ids = {id(p) for p in gates}
-    rest = [p for p in params if id(p) not in gate_ids]
-    groups: list[dict[str, Any]] = [{"params": rest}]
-    if gates:
-        groups.append({"params": gates, "lr": spec.lr * spec.gate_lr_scale})
-    return groups
 
 
 class TeacherTaps:
@@ -111,23 +95,15 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
 
     if stage == 1:
         assert taps is not None
-        n_mixers = len(recurrent_mixers(student))
+        tap = AlignmentTap(recurrent_mixers(student))
 
         def align(ids: torch.Tensor) -> torch.Tensor:
             taps.records.clear()
             with torch.no_grad():
                 t_base(input_ids=ids, use_cache=False)
-            ctx = student.ctx
-            ctx.align_targets = {i: rec[2] for i, rec in taps.records.items()}
-            ctx.align_pairs = []
-            try:
-                student.hidden_states(ids)  # every layer is fed the teacher's stream (see ForwardContext)
-                pairs = ctx.align_pairs
-            finally:
-                ctx.align_targets, ctx.align_pairs = None, []
-            if len(pairs) != n_mixers:
-                raise RuntimeError(f"stage 1 saw {len(pairs)} mixer outputs, expected {n_mixers}")
-            return sum(alignment_loss(y, target) for y, target in pairs) / n_mixers
+            with tap.feeding({i: rec[2] for i, rec in taps.records.items()}) as pairs:
+                student.hidden_states(ids)  # every layer is fed the teacher's stream (see AlignmentTap)
+            return sum(alignment_loss(y, target) for y, target in pairs) / len(pairs)
         return align
 
     recompute = not isinstance(student.lm_head, FSDPModule) or fsdp_recomputes_chunked_head()
@@ -138,7 +114,7 @@ def make_loss_fn(stage: int, spec: StageSpec, student: nn.Module, teacher: nn.Mo
             return chunked_ce(s_hidden, ids, s_head, spec.logits_chunk, recompute)
         with torch.no_grad():
             t_hidden = t_base(input_ids=ids, use_cache=False).last_hidden_state
-        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk, spec.kl_focus, recompute)
+        return chunked_kl(s_hidden, t_hidden, s_head, t_head, spec.logits_chunk, recompute)
     return distill
 
 
