@@ -6,6 +6,7 @@ import pytest
 import torch
 from serve_helpers import build_tokenizer, tiny_teacher
 
+from qwerky.modeling.mixer_base import mixer_names
 from qwerky.serve.engine import SamplingParams, StudentEngine, TeacherEngine
 from qwerky.surgery import convert_teacher
 
@@ -17,7 +18,7 @@ def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, 384, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", params=["rwkv7", "window"])
+@pytest.fixture(scope="module", params=mixer_names())  # every registered student
 def student(request: pytest.FixtureRequest):
     return convert_teacher(tiny_teacher("qwen2"), mixer=request.param)
 

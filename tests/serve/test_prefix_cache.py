@@ -6,6 +6,7 @@ import pytest
 import torch
 from serve_helpers import build_tokenizer, tiny_teacher
 
+from qwerky.modeling.mixer_base import mixer_names
 from qwerky.serve.engine import SamplingParams, StudentEngine
 from qwerky.serve.prefix_cache import PrefixStateCache
 from qwerky.surgery import convert_teacher
@@ -17,7 +18,7 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("mixer", ["rwkv7", "window"])
+@pytest.mark.parametrize("mixer", mixer_names())
 def test_shared_prefix_prefills_less_and_matches_cold_run(mixer: str) -> None:
     student = convert_teacher(tiny_teacher("qwen2"), mixer=mixer)
     prefix = _ids(200, 1)
