@@ -16,35 +16,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def decode_rate(model: Any, batch: int, prefill: int, steps: int) -> float:
-    """Tokens/s of `steps` single-token decode calls after a `prefill`-token prompt."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    state = model.init_state(batch)
-    model(torch.randint(0, vocab, (batch, prefill), device=device), past_key_values=state, use_cache=True)
-    tok = torch.randint(0, vocab, (batch, 1), device=device)
-    model(tok, past_key_values=state, use_cache=True)  # warm-up step
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model(tok, past_key_values=state, use_cache=True)
-    _sync(device)
-    return batch * steps / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from qwerky.demo import TEACHER
+    from qwerky.eval.speed import decode_rate
     from qwerky.surgery import convert_teacher, load_student
     from qwerky.teacher import load_teacher
 

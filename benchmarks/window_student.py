@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversion_fidelity import run  # noqa: E402
-from decode_speed import decode_rate  # noqa: E402
+from qwerky.eval.speed import decode_rate  # noqa: E402
 from retrieval_probes import digit_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     mx = sub.add_parser("mixers", help="list the student mixers and their options")
     mx.set_defaults(func=cmd_mixers)
 
+    sw = sub.add_parser("sweep", help="convert one teacher with several mixers at one recipe; one comparison table")
+    from qwerky.sweep import add_sweep_arguments, sweep_main
+
+    add_sweep_arguments(sw)
+    sw.set_defaults(func=sweep_main)
+
     pl = sub.add_parser("plan", help="estimate per-stage memory and time from a config, without loading weights")
     from qwerky.plan import add_plan_arguments
 
