@@ -72,7 +72,7 @@ def stage_table(report: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/qwerky-fidelity", help="student folder (run dir: OUT.run)")
-    p.add_argument("--mixer", default="rwkv7", choices=["rwkv7", "rwkv6", "window"])
+    p.add_argument("--mixer", default="rwkv7", help="a registered student mixer (`qwerky mixers` lists them)")
     p.add_argument("--recipe", default="default")
     p.add_argument("--teacher", type=Path, default=None, help="default: the embedded teacher")
     p.add_argument("--data", type=Path, default=None, help="distillation text (default: python-docs-train)")

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 if __name__ == "__main__":
-    from gpu_check import limit_triton_autotune
+    from qwerky.kernels import limit_triton_autotune
 
     limit_triton_autotune(int(os.environ.get("AUTOTUNE_CAP", "1")))  # before fla is imported
     from qwerky.cli import main

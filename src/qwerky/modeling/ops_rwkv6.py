@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-__all__ = ["naive_recurrent_rwkv6", "chunk_rwkv6_torch", "recurrent_step_rwkv6", "rwkv6_attention"]
+__all__ = ["naive_recurrent_rwkv6", "chunk_rwkv6_torch", "recurrent_step_rwkv6", "rwkv6_attention", "fla_available"]
 
 
 def _check(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
@@ -133,6 +133,11 @@ def _fla() -> dict[str, object]:
         except Exception:  # noqa: BLE001
             _FLA = {}
     return _FLA
+
+
+def fla_available() -> bool:
+    """True when flash-linear-attention's RWKV-6 kernels import (needs triton and a GPU driver)."""
+    return bool(_fla())
 
 
 def rwkv6_attention(
