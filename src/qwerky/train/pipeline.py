@@ -25,6 +25,7 @@ from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unsh
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
+from .guard import GuardTolerance, describe, judge
 from .loop import JsonlLog, run_stage
 from .parallel import (
     DistInfo,
@@ -223,6 +224,12 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
 
     if info.is_main and windows is not None and "stage0" not in evals and job.evaluate:
         evals["stage0"] = _quality(teacher, student, windows, info)
+    # the stage guard (train/guard.py): each stage judged at its own context, before against after. Under
+    # torchrun the held-out evaluation runs on rank 0 only, so the guard is for single-process runs.
+    guard: dict[str, Any] = dict(resume.get("guard", {})) if resume else {}
+    guard_on = info.is_main and not info.enabled and windows is not None and job.evaluate
+    tolerance = GuardTolerance(recipe.train.guard_kl_tolerance, recipe.train.guard_top1_tolerance)
+    kept = resume.get("kept", "stage0") if resume else "stage0"
 
     for stage in training:
         if stage in done:
@@ -250,14 +257,22 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         student.train()
         taps = TeacherTaps(teacher) if stage == 1 else None
         stage_resume = resume["stage_state"] if resume is not None and resume.get("stage") == stage else None
+        own_windows, snapshot = None, None
+        if guard_on:
+            own_windows = _stage_windows(cache.heldout, spec.seq_len, recipe, windows)
+            entry = guard.setdefault(f"stage{stage}", {"seq_len": int(own_windows.shape[1]), "starts_from": kept})
+            if "before" not in entry:  # a resumed stage keeps the judgement of the model it started from
+                entry["before"] = _quality(teacher, student, own_windows, info, baseline=False)
+            if recipe.train.keep == "best" and stage_resume is None:
+                snapshot = _full_state_dict(student, info)
 
         def save(payload: dict[str, Any], stage: int = stage, unshared_all: bool = unshared_all,
-                 lora_rank: int = lora_rank) -> None:
+                 lora_rank: int = lora_rank, kept: str = kept) -> None:
             model_state = _full_state_dict(student, info)
             if info.is_main:
                 ckpt.save({"stage": stage, "stage_state": payload, "model": model_state, "summaries": summaries,
                            "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                           "lora": lora_rank or (resume or {}).get("lora", 0)},
+                           "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept},
                           tag=f"stage{stage}-step{payload['step']:08d}")
             barrier(info)
 
@@ -274,11 +289,33 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         summaries.append(summary)
         if info.is_main and windows is not None and job.evaluate:
             evals[f"stage{stage}"] = _quality(teacher, student, windows, info)
+        kept = f"stage{stage}"
+        if own_windows is not None:
+            entry = guard[f"stage{stage}"]
+            entry["after"] = (evals[kept] if own_windows is windows
+                              else _quality(teacher, student, own_windows, info, baseline=False))
+            verdict = judge(entry["before"]["student"], entry["after"]["student"], tolerance)
+            action = "accepted"
+            if verdict["regressed"]:
+                if recipe.train.keep == "last":
+                    action = "kept anyway (train.keep=last)"
+                elif snapshot is None:
+                    action = "kept: the stage was resumed mid-way, so the weights from before it are gone"
+                else:
+                    _load_full_state_dict(student, snapshot, info)
+                    kept = entry["starts_from"]
+                    action = f"undone: the weights from before it are kept (train.keep=best, {kept})"
+            entry.update(verdict, action=action, message=describe(stage, entry["seq_len"], verdict, action))
+            (log.warning if verdict["regressed"] else log.info)("stage guard: %s", entry["message"])
+            if verdict["regressed"]:
+                print(f"qwerky: warning: {entry['message']}", flush=True)
+        snapshot = None
         model_state = _full_state_dict(student, info)
         if info.is_main:
             ckpt.save({"stage": stage + 1, "stage_state": None, "model": model_state, "summaries": summaries,
                        "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                       "lora": lora_rank or (resume or {}).get("lora", 0)}, tag=f"stage{stage}-done")
+                       "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept},
+                      tag=f"stage{stage}-done")
         barrier(info)
 
     report: dict[str, Any] = {}
@@ -293,10 +330,13 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
             export_model.load_state_dict(final_state)
         if any("lora_" in n for n, _ in export_model.named_parameters()):
             merge_lora(export_model)
-        quality = evals.get(f"stage{training[-1]}" if training else "stage0")
+        quality = evals.get(kept if guard_on else f"stage{training[-1]}" if training else "stage0")
         report = {
             "teacher": str(job.teacher), "out": str(job.out), "recipe": recipe.to_dict(),
             "stages": summaries, "quality": quality, "quality_by_stage": evals,
+            "guard": {"keep": recipe.train.keep, "kept": kept if guard_on else None,
+                      "tolerance": {"kl_relative": tolerance.kl_relative, "top1_points": tolerance.top1_points},
+                      "stages": guard},
             "data": {"train_tokens": int(len(cache.train)) if cache is not None else 0,
                      "heldout_tokens": int(len(cache.heldout)) if cache is not None else 0,
                      "eval_windows": int(windows.shape[0]) if windows is not None else 0,
@@ -313,13 +353,21 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     return report
 
 
-def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo
-             ) -> dict[str, Any]:
+def _stage_windows(heldout: Any, seq_len: int, recipe: Recipe, common: torch.Tensor) -> torch.Tensor:
+    """Held-out windows at a stage's training context (the common ones when that is their length, or when the
+    held-out text is too short for even one window of it)."""
+    if seq_len == common.shape[1] or len(heldout) <= seq_len:
+        return common
+    return heldout_windows(heldout, seq_len, recipe.data.eval_windows)
+
+
+def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo,
+             baseline: bool = True) -> dict[str, Any]:
     from qwerky.eval.quality import compare_models
 
     was_training = student.training
     student.eval()
-    baseline = convert_teacher(teacher, mixer="window") if not info.enabled else None
+    baseline = convert_teacher(teacher, mixer="window") if baseline and not info.enabled else None
     with torch.no_grad():
         result = compare_models(teacher, student, windows.to(info.device), baseline=baseline)
     student.train(was_training)
@@ -330,6 +378,12 @@ def render_report_md(report: dict[str, Any]) -> str:
     """A short markdown report: quality table (teacher, student, window baseline) and per-stage costs."""
     lines = ["# qwerky conversion report", "", f"Teacher: `{report['teacher']}`  ", f"Student: `{report['out']}`  ",
              f"Wall time: {report['wall_s']} s", ""]
+    g = report.get("guard") or {}
+    regressed = [e for e in (g.get("stages") or {}).values() if e.get("regressed")]
+    for e in regressed:
+        lines += [f"**Warning:** {e['message']}", ""]
+    if g.get("kept") and report.get("stages") and g["kept"] != f"stage{report['stages'][-1]['stage']}":
+        lines += [f"Exported: the weights after {g['kept']} (train.keep={g['keep']}); the quality table is theirs.", ""]
     q = report.get("quality")
     if q:
         lines += ["## Held-out quality", "",
@@ -349,13 +403,25 @@ def render_report_md(report: dict[str, Any]) -> str:
         lines.append("")
     by_stage = report.get("quality_by_stage") or {}
     if by_stage:
-        lines += ["## What each stage bought", "", "| after | student ppl / teacher | KL | top-1 agreement |",
+        lines += [f"## What each stage bought (at the common {report.get('data', {}).get('eval_seq_len', '')}-token "
+                  "context)", "", "| after | student ppl / teacher | KL | top-1 agreement |",
                   "|---|---|---|---|"]
         for key, q in by_stage.items():
             s, t = q.get("student", {}), q.get("teacher", {})
             ratio = s.get("ppl", float("nan")) / t.get("ppl", float("nan"))
             lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | "
                          f"{s.get('top1', float('nan')):.1%} |")
+        lines.append("")
+    if g.get("stages"):
+        lines += ["## Stage guard (each stage at its own training context: before -> after)", "",
+                  "| stage | context | KL | top-1 agreement | verdict |", "|---|---|---|---|---|"]
+        for key, e in g["stages"].items():
+            if "after" not in e:
+                continue
+            b, a = e["before"]["student"], e["after"]["student"]
+            verdict = ("worse: " if e["regressed"] else "") + e["action"]
+            lines.append(f"| {key} | {e['seq_len']} | {b['kl']:.4f} -> {a['kl']:.4f} | {b['top1']:.1%} -> "
+                         f"{a['top1']:.1%} | {verdict} |")
         lines.append("")
     if report.get("stages"):
         lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | final loss |",

@@ -83,6 +83,9 @@ class TrainSpec:
     log_every: int = 1  # steps between JSONL log lines
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     tensorboard: bool = False  # also write tensorboard scalars under RUN_DIR/tb
+    keep: str = "best"  # best: a stage that makes the student worse is undone (train/guard.py) | last: only warned
+    guard_kl_tolerance: float = 0.02  # relative KL rise a stage may cause before it counts as worse
+    guard_top1_tolerance: float = 0.005  # top-1 agreement drop (0.005 = half a point) before it counts as worse
 
 
 @dataclass
@@ -263,6 +266,10 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"stage{n}.loss must be {' or '.join(allowed)}, got '{s.loss}'")
         if s.lr <= 0:
             raise RecipeError(f"stage{n}.lr must be positive, got {s.lr}")
+    if recipe.train.keep not in ("best", "last"):
+        raise RecipeError(f"train.keep must be best or last, got '{recipe.train.keep}'")
+    if recipe.train.guard_kl_tolerance < 0 or recipe.train.guard_top1_tolerance < 0:
+        raise RecipeError("train.guard_kl_tolerance and train.guard_top1_tolerance must be >= 0")
     if recipe.train.precision not in ("auto", "fp32", "bf16"):
         raise RecipeError(f"train.precision must be auto, fp32 or bf16, got '{recipe.train.precision}'")
     ac = recipe.train.activation_checkpointing
