@@ -36,6 +36,8 @@ def test_eval_cli_end_to_end(teacher_dir, student_dir, tmp_path, capsys):
     pos = res["position"]
     assert set(pos["models"]) == {"teacher", "student", "baseline"}
     assert pos["buckets"][0] == [1, 64] and pos["models"]["student"]["tokens"][0] > 0
+    ctx = res["teacher_context"]  # where the teacher's own loss by position stops improving
+    assert 0 < ctx["effective"] <= 200 and isinstance(ctx["degrades"], bool) and "teacher" in ctx["message"]
     assert plot.stat().st_size > 0
     printed = capsys.readouterr().out
     assert "KL(t||m)" in printed and "baseline" in printed

@@ -88,3 +88,38 @@ def test_distillation_learns_and_the_guard_stays_quiet(text_file: Path, tmp_path
     assert q2["top1"] > q0["top1"] + 0.2, (q0, q2)
     assert all(not e["regressed"] and e["action"] == "accepted" for e in report["guard"]["stages"].values())
     assert report["guard"]["kept"] == "stage2"
+
+
+@pytest.mark.parametrize("losses,effective,degrades", [
+    ([5.0, 4.0, 3.8, 3.7], 1024, False),  # keeps improving: at least the measured length
+    ([5.0, 4.0, 3.9, 4.4], 512, True),  # rises past 512: a teacher trained at 512 whose config says more
+    ([5.0, 4.0, 4.05, 4.06], 1024, False),  # flat within tolerance
+])
+def test_effective_context_from_loss_by_position(losses: list, effective: int, degrades: bool) -> None:
+    from qwerky.eval.quality import position_buckets
+    from qwerky.eval.teacher_context import effective_from_buckets
+
+    r = effective_from_buckets(position_buckets(1024, first=128), losses)
+    assert (r["effective"], r["degrades"]) == (effective, degrades)
+
+
+@pytest.mark.parametrize("mode", ["warn", "cap"])
+def test_stage_past_the_teachers_context_is_warned_and_capped(teacher_dir: Path, text_file: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """With a teacher whose loss degrades past 64 tokens, stage 4 (128 tokens) is warned about, and with
+    train.teacher_context=cap it trains at 64."""
+    import qwerky.eval.teacher_context as tc
+
+    real = tc.teacher_effective_context
+
+    def degrading(teacher, windows, **kw):  # the measurement as it is, then a teacher that degrades from 64
+        result = real(teacher, windows, **kw)
+        return {**result, "effective": 64, "degrades": True, "worst_over_best": 1.3}
+
+    monkeypatch.setattr(tc, "teacher_effective_context", degrading)
+    report = _convert(teacher_dir, text_file, tmp_path / "s", "--stages", "1,4", "--set", f"train.teacher_context={mode}")
+    context = report["teacher_context"]
+    assert context["measured_to"] == 128 and len(context["warnings"]) == 1 and "stage 4" in context["warnings"][0]
+    stage4 = next(s for s in report["stages"] if s["stage"] == 4)
+    assert stage4["seq_len"] == (64 if mode == "cap" else 128)
+    assert "past the teacher's effective context" in (tmp_path / "s" / "report.md").read_text()

@@ -86,6 +86,17 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _teacher_context(position: dict[str, Any]) -> dict[str, Any] | None:
+    """The teacher's effective context from its own loss by position (eval/teacher_context)."""
+    from .teacher_context import describe, effective_from_buckets
+
+    teacher = position.get("models", {}).get("teacher")
+    if not teacher:
+        return None
+    result = effective_from_buckets(position["buckets"], teacher["loss"])
+    return result | {"message": describe(result)}
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from .quality import evaluate_quality, format_position_table, format_quality_table
 
@@ -99,10 +110,13 @@ def eval_main(args: argparse.Namespace) -> int:
         return 2
     result |= {"model": str(args.model), "teacher": str(args.teacher), "baseline": None if args.no_baseline else
                "teacher with 64-token window + 4 sinks (convert_teacher(mixer='window'))"}
+    result["teacher_context"] = _teacher_context(result["position"])
     _write_json(args.json, result)
     print(format_quality_table(result["quality"]))
     print(f"({result['quality']['windows']} windows x {result['quality']['seq_len']} tokens)\n")
     print(format_position_table(result["position"]))
+    if result["teacher_context"]:
+        print(f"teacher context: {result['teacher_context']['message']}\n")
     if args.plot:
         from .plots import plot_loss_by_position
 

@@ -9,6 +9,7 @@ good checkpoint in the run directory: same weights, optimiser, schedule, data po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -230,11 +231,12 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     guard_on = info.is_main and not info.enabled and windows is not None and job.evaluate
     tolerance = GuardTolerance(recipe.train.guard_kl_tolerance, recipe.train.guard_top1_tolerance)
     kept = resume.get("kept", "stage0") if resume else "stage0"
+    teacher_context = _measure_teacher_context(teacher, cache, recipe, training) if guard_on else None
 
     for stage in training:
         if stage in done:
             continue
-        spec = recipe.stage(stage)
+        spec = _within_teacher_context(stage, recipe, teacher_context)
         if stage >= 3 and not unshared_all:
             unshare_from_teacher(student, teacher)
             unshared_all = True
@@ -334,6 +336,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         report = {
             "teacher": str(job.teacher), "out": str(job.out), "recipe": recipe.to_dict(),
             "stages": summaries, "quality": quality, "quality_by_stage": evals,
+            "teacher_context": teacher_context,
             "guard": {"keep": recipe.train.keep, "kept": kept if guard_on else None,
                       "tolerance": {"kl_relative": tolerance.kl_relative, "top1_points": tolerance.top1_points},
                       "stages": guard},
@@ -351,6 +354,44 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "report.md", md.encode())
     barrier(info)
     return report
+
+
+def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recipe, training: list[int]
+                             ) -> dict[str, Any] | None:
+    """The teacher's effective context on the held-out text, out to the longest stage (eval/teacher_context)."""
+    from qwerky.eval.teacher_context import describe, teacher_effective_context
+
+    longest = max((recipe.stage(s).seq_len for s in training), default=0)
+    if recipe.train.teacher_context == "off" or longest < 128 or len(cache.heldout) <= longest:
+        return None
+    windows = heldout_windows(cache.heldout, longest, min(recipe.data.eval_windows, 16))
+    teacher.eval()
+    result = teacher_effective_context(teacher, windows)
+    result["message"] = describe(result)
+    log.info("teacher context: %s", result["message"])
+    return result
+
+
+def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] | None) -> Any:
+    """The stage's spec; warned about (and with train.teacher_context=cap shortened) when it trains past the
+    teacher's effective context. The recipe itself is left as written (resume compares it)."""
+    spec = recipe.stage(stage)
+    if context is None or not context["degrades"] or spec.seq_len <= context["effective"]:
+        return spec
+    target = "its KL target is the teacher's own output there" if spec.loss == "kl" else "it trains on CE there"
+    message = (f"stage {stage} trains at {spec.seq_len} tokens, past the teacher's effective context of "
+               f"{context['effective']} measured on the held-out text; {target}")
+    if recipe.train.teacher_context == "cap":
+        context.setdefault("capped", {})[f"stage{stage}"] = [spec.seq_len, context["effective"]]
+        spec = dataclasses.replace(spec, seq_len=int(context["effective"]))
+        message += f"; capped to {spec.seq_len} tokens (train.teacher_context=cap)"
+    else:
+        message += ("; set train.teacher_context=cap to train there at the effective context, or stage4.loss=ce "
+                    "for a teacher that is weak there")
+    context.setdefault("warnings", []).append(message)
+    log.warning("%s", message)
+    print(f"qwerky: warning: {message}", flush=True)
+    return spec
 
 
 def _stage_windows(heldout: Any, seq_len: int, recipe: Recipe, common: torch.Tensor) -> torch.Tensor:
@@ -378,6 +419,10 @@ def render_report_md(report: dict[str, Any]) -> str:
     """A short markdown report: quality table (teacher, student, window baseline) and per-stage costs."""
     lines = ["# qwerky conversion report", "", f"Teacher: `{report['teacher']}`  ", f"Student: `{report['out']}`  ",
              f"Wall time: {report['wall_s']} s", ""]
+    tc = report.get("teacher_context")
+    if tc:
+        lines += [f"Teacher context: {tc['message']}.", ""]
+        lines += [f"**Warning:** {w}." for w in tc.get("warnings", [])] + ([""] if tc.get("warnings") else [])
     g = report.get("guard") or {}
     regressed = [e for e in (g.get("stages") or {}).values() if e.get("regressed")]
     for e in regressed:

@@ -83,6 +83,7 @@ class TrainSpec:
     log_every: int = 1  # steps between JSONL log lines
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     tensorboard: bool = False  # also write tensorboard scalars under RUN_DIR/tb
+    teacher_context: str = "warn"  # a stage longer than the teacher's measured effective context: warn | cap | off
     keep: str = "best"  # best: a stage that makes the student worse is undone (train/guard.py) | last: only warned
     guard_kl_tolerance: float = 0.02  # relative KL rise a stage may cause before it counts as worse
     guard_top1_tolerance: float = 0.005  # top-1 agreement drop (0.005 = half a point) before it counts as worse
@@ -266,6 +267,8 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"stage{n}.loss must be {' or '.join(allowed)}, got '{s.loss}'")
         if s.lr <= 0:
             raise RecipeError(f"stage{n}.lr must be positive, got {s.lr}")
+    if recipe.train.teacher_context not in ("warn", "cap", "off"):
+        raise RecipeError(f"train.teacher_context must be warn, cap or off, got '{recipe.train.teacher_context}'")
     if recipe.train.keep not in ("best", "last"):
         raise RecipeError(f"train.keep must be best or last, got '{recipe.train.keep}'")
     if recipe.train.guard_kl_tolerance < 0 or recipe.train.guard_top1_tolerance < 0:
