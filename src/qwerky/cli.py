@@ -45,6 +45,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     overrides += list(args.set or [])  # default options, which --set student.mixer_options.KEY=... then changes
     if args.attention_layers is not None:
         overrides.append(f"student.attention_layers={','.join(map(str, args.attention_layers))}")
+    if args.keep_attention:
+        overrides.append(f"student.keep_attention={args.keep_attention}")
     recipe = load_recipe(args.recipe, overrides)
     job = ConvertJob(teacher=Path(args.teacher), out=Path(args.out), recipe=recipe, data=[Path(p) for p in args.data],
                      heldout=[Path(p) for p in args.heldout], stages=args.stages,
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. stage2.tokens=2e5")
     c.add_argument("--mixer", help="student mixer (recipe student.mixer; `qwerky mixers` lists them)")
     c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
+    c.add_argument("--keep-attention", metavar="auto:K",
+                   help="hybrid chosen after stage 1: keep the K layers costliest to convert (student.keep_attention)")
     c.add_argument("--run-dir", help="checkpoints, logs and reports (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder / run")

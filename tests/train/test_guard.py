@@ -117,7 +117,8 @@ def test_stage_past_the_teachers_context_is_warned_and_capped(teacher_dir: Path,
         return {**result, "effective": 64, "degrades": True, "worst_over_best": 1.3}
 
     monkeypatch.setattr(tc, "teacher_effective_context", degrading)
-    report = _convert(teacher_dir, text_file, tmp_path / "s", "--stages", "1,4", "--set", f"train.teacher_context={mode}")
+    report = _convert(teacher_dir, text_file, tmp_path / "s", "--stages", "1,4",
+                      "--set", f"train.teacher_context={mode}")
     context = report["teacher_context"]
     assert context["measured_to"] == 128 and len(context["warnings"]) == 1 and "stage 4" in context["warnings"][0]
     stage4 = next(s for s in report["stages"] if s["stage"] == 4)

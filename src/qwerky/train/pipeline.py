@@ -27,6 +27,7 @@ from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_toke
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
 from .guard import GuardTolerance, describe, judge
+from .hybrid import parse_keep_attention
 from .loop import JsonlLog, run_stage
 from .parallel import (
     DistInfo,
@@ -153,17 +154,6 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                                       heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
                                       text_field=recipe.data.text_field)
 
-    student = convert_teacher(teacher, **recipe.student.convert_kwargs())
-    if info.enabled or training:
-        # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
-        unshare_from_teacher(student, teacher, modules=student.mixers)
-    if training and cache is not None:
-        # the same first rows of the training text on every rank, so every rank calibrates the same way
-        n_rows, row_len = 8, min(recipe.stage(min(training)).seq_len, len(cache.train) // 8)
-        sample = torch.from_numpy(np.asarray(cache.train[: n_rows * row_len]).astype(np.int64)).view(n_rows, row_len)
-        # (too little text for a sample is left to the batch loader, which names the problem)
-        if row_len >= 2 and (n := calibrate_mixers(student, sample)):
-            log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
     run_dir.mkdir(parents=True, exist_ok=True)
     if job.overwrite and not job.resume and info.is_main:
         (run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -179,6 +169,25 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         raise QwerkyError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is corrupt or missing")
     if resume is not None and resume.get("recipe") != recipe.to_dict():
         raise QwerkyError("--resume: the recipe differs from the checkpointed run's (same --recipe and --set needed)")
+    keep_k = parse_keep_attention(recipe.student.keep_attention, teacher.config.num_hidden_layers)
+    if keep_k is not None and (info.enabled or 1 not in training):
+        raise QwerkyError("student.keep_attention=auto:K needs stage 1 (its cost ranking reads the trained mixers) "
+                          "and a single process (not torchrun)")
+    hybrid: dict[str, Any] | None = resume.get("hybrid") if resume else None
+    convert_kwargs = recipe.student.convert_kwargs()
+    if hybrid is not None:  # resumed after stage 1 chose the layers: the checkpoint holds that hybrid
+        convert_kwargs["attention_layers"] = hybrid["layers"]
+    student = convert_teacher(teacher, **convert_kwargs)
+    if info.enabled or training:
+        # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
+        unshare_from_teacher(student, teacher, modules=student.mixers)
+    if training and cache is not None:
+        # the same first rows of the training text on every rank, so every rank calibrates the same way
+        n_rows, row_len = 8, min(recipe.stage(min(training)).seq_len, len(cache.train) // 8)
+        sample = torch.from_numpy(np.asarray(cache.train[: n_rows * row_len]).astype(np.int64)).view(n_rows, row_len)
+        # (too little text for a sample is left to the batch loader, which names the problem)
+        if row_len >= 2 and (n := calibrate_mixers(student, sample)):
+            log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
     summaries: list[dict[str, Any]] = resume["summaries"] if resume else []
     done = {s["stage"] for s in summaries}
     lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
@@ -269,13 +278,14 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                 snapshot = _full_state_dict(student, info)
 
         def save(payload: dict[str, Any], stage: int = stage, unshared_all: bool = unshared_all,
-                 lora_rank: int = lora_rank, kept: str = kept) -> None:
+                 lora_rank: int = lora_rank, kept: str = kept, student: Any = student,
+                 hybrid: dict[str, Any] | None = hybrid) -> None:
             model_state = _full_state_dict(student, info)
             if info.is_main:
                 ckpt.save({"stage": stage, "stage_state": payload, "model": model_state, "summaries": summaries,
                            "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                           "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept},
-                          tag=f"stage{stage}-step{payload['step']:08d}")
+                           "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept,
+                           "hybrid": hybrid}, tag=f"stage{stage}-step{payload['step']:08d}")
             barrier(info)
 
         try:
@@ -312,12 +322,22 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
             if verdict["regressed"]:
                 print(f"qwerky: warning: {entry['message']}", flush=True)
         snapshot = None
+        if stage == 1 and keep_k is not None and hybrid is None:
+            if windows is None:
+                raise QwerkyError("student.keep_attention=auto:K ranks layers on held-out text: pass --heldout "
+                                  "or more --data (and leave evaluation on)")
+            hybrid = _choose_hybrid(teacher, student, windows, keep_k, recipe.train.seed)
+            student = _rebuild_as_hybrid(student, teacher, recipe, hybrid["layers"])
+            log.info("hybrid: layers %s keep the teacher's attention (costs %s)", hybrid["layers"],
+                     [round(c, 4) for c in hybrid["costs"]])
+            print(f"qwerky: hybrid: keeping layers {hybrid['layers']} as attention (the {keep_k} costliest to "
+                  "convert after stage 1)", flush=True)
         model_state = _full_state_dict(student, info)
         if info.is_main:
             ckpt.save({"stage": stage + 1, "stage_state": None, "model": model_state, "summaries": summaries,
                        "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                       "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept},
-                      tag=f"stage{stage}-done")
+                       "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept,
+                       "hybrid": hybrid}, tag=f"stage{stage}-done")
         barrier(info)
 
     report: dict[str, Any] = {}
@@ -336,7 +356,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         report = {
             "teacher": str(job.teacher), "out": str(job.out), "recipe": recipe.to_dict(),
             "stages": summaries, "quality": quality, "quality_by_stage": evals,
-            "teacher_context": teacher_context,
+            "teacher_context": teacher_context, "hybrid": hybrid,
             "guard": {"keep": recipe.train.keep, "kept": kept if guard_on else None,
                       "tolerance": {"kl_relative": tolerance.kl_relative, "top1_points": tolerance.top1_points},
                       "stages": guard},
@@ -354,6 +374,34 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "report.md", md.encode())
     barrier(info)
     return report
+
+
+def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int
+                   ) -> dict[str, Any]:
+    """Rank layers by what converting each alone costs (train/hybrid.py); the curve for every K."""
+    from qwerky.train.hybrid import MEMORY_AT, choose, curve, layer_costs
+
+    student.eval()
+    mixers = list(student.mixers)
+    costs = layer_costs(teacher, mixers, windows)
+    cfg = student.config
+    kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * next(teacher.parameters()).element_size()
+    state = mixers[0].init_state(1, "cpu")
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed)
+    return {"keep": k, "layers": choose(costs, k), "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
+
+
+def _rebuild_as_hybrid(old: Any, teacher: torch.nn.Module, recipe: Recipe, layers: list[int]) -> Any:
+    """A new student keeping `layers` as the teacher's attention, with the other mixers as stage 1 left them."""
+    new = convert_teacher(teacher, **{**recipe.student.convert_kwargs(), "attention_layers": layers})
+    unshare_from_teacher(new, teacher, modules=new.mixers)  # loading below must not write into the teacher
+    attn = new.config.attention_name
+    trained = {k: v for k, v in old.state_dict().items()
+               if ".layers." in k and f".{attn}." in k and int(k.split(".layers.")[1].split(".")[0]) not in layers}
+    own = new.state_dict()
+    new.load_state_dict({k: v for k, v in trained.items() if k in own and own[k].shape == v.shape}, strict=False)
+    return new
 
 
 def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recipe, training: list[int]
@@ -457,6 +505,18 @@ def render_report_md(report: dict[str, Any]) -> str:
             lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | "
                          f"{s.get('top1', float('nan')):.1%} |")
         lines.append("")
+    hy = report.get("hybrid")
+    if hy:
+        lines += [f"## Hybrid: the {hy['keep']} layers costliest to convert keep attention ({hy['layers']})", "",
+                  "Cost of converting each layer alone after stage 1 (KL): "
+                  + ", ".join(f"{i}: {c:.4f}" for i, c in enumerate(hy["costs"])), "",
+                  f"| kept | auto: layers | KL | top-1 | random: layers | KL | top-1 | memory / sequence at "
+                  f"{hy['memory_context']} |", "|---|---|---|---|---|---|---|---|"]
+        for row in hy["curve"]:
+            a, r = row["auto"], row["random"]
+            lines.append(f"| {row['keep']} | {a['layers']} | {a['kl']:.4f} | {a['top1']:.1%} | {r['layers']} | "
+                         f"{r['kl']:.4f} | {r['top1']:.1%} | {row['memory_bytes_at_8k'] / 2**20:.2f} MiB |")
+        lines += ["", "(after stage 1, every other layer converted; measured on the teacher with hooks)", ""]
     if g.get("stages"):
         lines += ["## Stage guard (each stage at its own training context: before -> after)", "",
                   "| stage | context | KL | top-1 agreement | verdict |", "|---|---|---|---|---|"]

@@ -24,6 +24,7 @@ class StudentSpec:
     mixer: str = "rwkv7"  # a registered student mixer (`qwerky mixers` lists them and their options)
     attention_layers: list[int] = field(default_factory=list)  # hybrid: layers keeping teacher attention
     mixer_options: dict[str, Any] = field(default_factory=dict)  # the mixer's own options (its Options dataclass)
+    keep_attention: str = ""  # "auto:K": after stage 1 keep as attention the K layers costliest to convert
 
     def convert_kwargs(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
@@ -245,6 +246,15 @@ def validate(recipe: Recipe) -> None:
         get_mixer(recipe.student.mixer).Options.parse(recipe.student.mixer_options, where="student.mixer_options")
     except ValueError as err:
         raise RecipeError(f"student: {err}" if "unknown mixer" in str(err) else str(err)) from None
+    from qwerky.train.hybrid import parse_keep_attention
+
+    try:
+        keep = parse_keep_attention(recipe.student.keep_attention)
+    except ValueError as err:
+        raise RecipeError(f"student.{err}") from None
+    if keep is not None and recipe.student.attention_layers:
+        raise RecipeError("student.keep_attention=auto:K chooses the attention layers itself; "
+                          "drop student.attention_layers (or keep_attention)")
     d = recipe.data
     if not 0.0 <= d.recall_fraction <= 1.0:
         raise RecipeError(f"data.recall_fraction must be in [0, 1], got {d.recall_fraction}")

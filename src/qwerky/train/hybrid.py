@@ -1,0 +1,131 @@
+"""Which layers a hybrid keeps as the teacher's attention: the ones whose conversion costs the most.
+
+After stage 1 every mixer has learnt to imitate its own attention block. The cost of converting layer i
+is measured directly: the teacher with only layer i's attention replaced by its trained mixer, scored
+by KL(teacher || that model) on held-out windows. Keeping the K costliest layers as attention buys the
+most quality per KV cache; the curve K = 0, 1, 2, ... (every other layer converted) is measured the same
+way, against a random choice of the same K, and priced in memory per sequence at 8k tokens.
+
+All of it runs on the teacher with forward hooks (a mixer's output in place of its attention block's),
+so no model is rebuilt to score a choice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwerky.eval.models import head_logits, hidden_states
+from qwerky.surgery.families import inspect_teacher
+
+MEMORY_AT = 8192  # the context at which the curve prices memory per sequence
+
+
+def parse_keep_attention(text: str, num_layers: int | None = None) -> int | None:
+    """"auto:K" -> K (None for ""); raises ValueError naming the form."""
+    if not text:
+        return None
+    head, _, k = text.partition(":")
+    if head != "auto" or not k.isdigit():
+        raise ValueError(f"keep_attention must be auto:K (e.g. auto:2), got {text!r}")
+    if num_layers is not None and int(k) >= num_layers:
+        raise ValueError(f"keep_attention={text}: the teacher has {num_layers} layers; keep fewer than all")
+    return int(k)
+
+
+@contextmanager
+def converted(teacher: nn.Module, mixers: dict[int, nn.Module]) -> Iterator[None]:
+    """Within the block, the teacher's attention in layer i is replaced by `mixers[i]` (parallel form)."""
+    layout = inspect_teacher(teacher)
+
+    def fresh_pass(module: nn.Module, args: tuple) -> None:  # RWKV-7's value residual starts anew per forward
+        for m in mixers.values():
+            m.ctx.v_first = None
+
+    handles = [getattr(teacher, teacher.base_model_prefix).register_forward_pre_hook(fresh_pass)]
+    for i, mixer in mixers.items():
+        attention = getattr(layout.layers[i], layout.attention_name)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, mixer: nn.Module = mixer) -> Any:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            y, _ = mixer(x, position_embeddings=kwargs.get("position_embeddings"))
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+
+        handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _kl_top1(teacher: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int
+             ) -> tuple[float, float]:
+    kl, agree, count = 0.0, 0, 0
+    for j, b0 in enumerate(range(0, windows.shape[0], batch_size)):
+        x = windows[b0:b0 + batch_size]
+        h, head, _ = hidden_states(teacher, x)
+        logp = head_logits(teacher, head, h[:, :-1]).float().log_softmax(-1)
+        ref = reference[j]
+        kl += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+        agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return kl / count, agree / count
+
+
+@torch.no_grad()
+def _reference(teacher: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    out = []
+    for b0 in range(0, windows.shape[0], batch_size):
+        h, head, _ = hidden_states(teacher, windows[b0:b0 + batch_size])
+        out.append(head_logits(teacher, head, h[:, :-1]).float().log_softmax(-1))
+    return out
+
+
+def layer_costs(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, batch_size: int = 4
+                ) -> list[float]:
+    """KL of the teacher with only layer i converted, for every layer i (mixers[i] is layer i's)."""
+    was = [m.training for m in mixers]
+    for m in mixers:
+        m.eval()
+    windows = windows.to(next(teacher.parameters()).device)
+    reference = _reference(teacher, windows, batch_size)
+    costs = []
+    for i, mixer in enumerate(mixers):
+        with converted(teacher, {i: mixer}):
+            costs.append(_kl_top1(teacher, windows, reference, batch_size)[0])
+    for m, w in zip(mixers, was):
+        m.train(w)
+    return costs
+
+
+def choose(costs: Sequence[float], k: int) -> list[int]:
+    """The k layers whose conversion costs the most, sorted."""
+    return sorted(sorted(range(len(costs)), key=lambda i: -costs[i])[:k])
+
+
+def curve(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, costs: Sequence[float],
+          bytes_per_token_per_layer: float, state_bytes_per_layer: float, seed: int = 0, batch_size: int = 4
+          ) -> list[dict[str, Any]]:
+    """KL / top-1 with the K costliest layers kept, and with K random layers kept, for K = 0..L-1; memory per
+    sequence at MEMORY_AT tokens (kept layers: KV cache; converted ones: their fixed state)."""
+    n = len(mixers)
+    windows = windows.to(next(teacher.parameters()).device)
+    reference = _reference(teacher, windows, batch_size)
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        row: dict[str, Any] = {"keep": k, "memory_bytes_at_8k": k * bytes_per_token_per_layer * MEMORY_AT
+                               + (n - k) * state_bytes_per_layer}
+        for name, kept in (("auto", choose(costs, k)), ("random", sorted(rng.sample(range(n), k)))):
+            with converted(teacher, {i: m for i, m in enumerate(mixers) if i not in kept}):
+                kl, top1 = _kl_top1(teacher, windows, reference, batch_size)
+            row[name] = {"layers": kept, "kl": kl, "top1": top1}
+        rows.append(row)
+    return rows
