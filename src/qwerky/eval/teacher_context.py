@@ -5,7 +5,8 @@ whose config says 2,048). Past its real context a teacher's loss by position sto
 distilling there (stage 4's KL at 1,024 tokens) teaches the student the teacher's confusion. This
 measures loss by position on held-out windows (documents packed as in training) and finds where it
 degrades: the first position bucket whose mean loss exceeds the best earlier bucket's by more than a
-relative tolerance. Everything before that bucket is the effective context.
+relative tolerance and by more than twice its standard error over the windows (loss by position is noisy
+on a small held-out set). Everything before that bucket is the effective context.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ TOLERANCE = 0.02  # a bucket 2% worse than the best before it counts as degraded
 
 
 def effective_from_buckets(buckets: Sequence[Sequence[int]], losses: Sequence[float | None],
-                           tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """From mean loss per [lo, hi) position bucket: the effective context and whether loss degrades."""
+                           tolerance: float = TOLERANCE, stderr: Sequence[float] | None = None) -> dict[str, Any]:
+    """From mean loss per [lo, hi) position bucket: the effective context and whether loss degrades. With
+    `stderr` (per bucket, over windows) a rise must also exceed twice the bucket's standard error."""
     best = float("inf")
     measured = 0
-    for (lo, hi), loss in zip(buckets, losses):
+    for j, ((lo, hi), loss) in enumerate(zip(buckets, losses)):
         if loss is None:
             break
-        if loss > best * (1 + tolerance):
+        margin = max(best * tolerance, 2 * stderr[j] if stderr is not None else 0.0)
+        if loss > best + margin:
             return {"effective": int(lo), "degrades": True, "measured_to": int(buckets[-1][1]),
                     "worst_over_best": loss / best}
         best = min(best, loss)
@@ -44,7 +47,7 @@ def teacher_effective_context(teacher: nn.Module, windows: torch.Tensor, toleran
     """Loss by position of `teacher` over `windows` [N, L] and the effective context it implies."""
     n, length = windows.shape
     device = next(teacher.parameters()).device
-    sums = torch.zeros(length, dtype=torch.float64)
+    per_window = torch.zeros(n, length, dtype=torch.float64)
     for b0 in range(0, n, batch_size):
         x = windows[b0:b0 + batch_size].to(device)
         hidden, head, _ = hidden_states(teacher, x)
@@ -52,10 +55,13 @@ def teacher_effective_context(teacher: nn.Module, windows: torch.Tensor, toleran
             e = min(length - 1, s + 256)
             logp = head_logits(teacher, head, hidden[:, s:e]).log_softmax(-1)
             nll = -logp.gather(-1, x[:, s + 1:e + 1, None])[..., 0]
-            sums[s + 1:e + 1] += nll.double().sum(0).cpu()
+            per_window[b0:b0 + x.shape[0], s + 1:e + 1] = nll.double().cpu()
     buckets = position_buckets(length)
-    losses = [float(sums[lo:hi].sum() / (n * (hi - lo))) for lo, hi in buckets]
-    result = effective_from_buckets(buckets, losses, tolerance)
+    means = torch.stack([per_window[:, lo:hi].mean(1) for lo, hi in buckets], 1)  # [N, buckets]
+    losses = means.mean(0).tolist()
+    stderr = (means.std(0) / n**0.5).tolist() if n > 1 else None
+    result = effective_from_buckets(buckets, losses, tolerance, stderr)
+    result["stderr"] = stderr
     result.update(buckets=[list(b) for b in buckets], loss=losses, windows=int(n), tolerance=tolerance)
     return result
 

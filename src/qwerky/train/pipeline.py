@@ -412,7 +412,7 @@ def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recip
     longest = max((recipe.stage(s).seq_len for s in training), default=0)
     if recipe.train.teacher_context == "off" or longest < 128 or len(cache.heldout) <= longest:
         return None
-    windows = heldout_windows(cache.heldout, longest, min(recipe.data.eval_windows, 16))
+    windows = heldout_windows(cache.heldout, longest, 64)
     teacher.eval()
     result = teacher_effective_context(teacher, windows)
     result["message"] = describe(result)

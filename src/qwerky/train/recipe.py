@@ -159,6 +159,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise RecipeError(f"recipe field '{where}' must be a number, got {value!r}") from None
     if isinstance(default, list):
+        if isinstance(value, int) and not isinstance(value, bool):  # `--set student.attention_layers=3`
+            value = [value]
         if isinstance(value, str):
             value = [int(v) for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, list):
