@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -104,6 +107,28 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= info.world_size
     return value
+
+
+def from_rank0(value: T, info: DistInfo) -> T:
+    """Rank 0's value on every rank: a decision that changes the weights or the sequence length (the stage
+    guard's, the teacher-context cap) must be taken the same way everywhere, even if the ranks' numbers were
+    to differ in the last bit."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reshard(*models: nn.Module) -> None:
+    """Put every FSDP2 unit back to its shards. A no-grad forward (held-out evaluation) leaves the root
+    unit's weights gathered, and the next training step's backward then crashed (SIGSEGV, torch 2.13, gloo)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def barrier(info: DistInfo) -> None:

@@ -33,8 +33,10 @@ from .parallel import (
     DistInfo,
     barrier,
     cleanup,
+    from_rank0,
     fsdp_recomputes_chunked_head,
     init_distributed,
+    reshard,
     shard_student,
     shard_teacher,
 )
@@ -108,6 +110,25 @@ def _full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of this process's own weights, taken before a stage so the guard can undo it. Under FSDP2
+    that is each rank's shards: no gather, and the copy costs host memory, not GPU memory."""
+    return {k: _local(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _restore(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Write a `_snapshot` back in place (each rank its own shards)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            _local(v).copy_(snapshot[k])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
@@ -232,20 +253,23 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         _load_full_state_dict(student, resume["model"], info)
         evals = resume.get("evals", {})
 
-    if info.is_main and windows is not None and "stage0" not in evals and job.evaluate:
+    # Held-out evaluation is a collective under FSDP2: every rank runs it on the same windows (the sharded
+    # forward needs them all) and gets the same numbers, so every rank takes the same guard decisions.
+    if windows is not None and "stage0" not in evals and job.evaluate:
         evals["stage0"] = _quality(teacher, student, windows, info)
-    # the stage guard (train/guard.py): each stage judged at its own context, before against after. Under
-    # torchrun the held-out evaluation runs on rank 0 only, so the guard is for single-process runs.
+    # the stage guard (train/guard.py): each stage judged at its own context, before against after
     guard: dict[str, Any] = dict(resume.get("guard", {})) if resume else {}
-    guard_on = info.is_main and not info.enabled and windows is not None and job.evaluate
+    guard_on = windows is not None and job.evaluate
     tolerance = GuardTolerance(recipe.train.guard_kl_tolerance, recipe.train.guard_top1_tolerance)
     kept = resume.get("kept", "stage0") if resume else "stage0"
-    teacher_context = _measure_teacher_context(teacher, cache, recipe, training) if guard_on else None
+    teacher_context = None
+    if guard_on:
+        teacher_context = from_rank0(_measure_teacher_context(teacher, cache, recipe, training), info)
 
     for stage in training:
         if stage in done:
             continue
-        spec = _within_teacher_context(stage, recipe, teacher_context)
+        spec = _within_teacher_context(stage, recipe, teacher_context, info.is_main)
         if stage >= 3 and not unshared_all:
             unshare_from_teacher(student, teacher)
             unshared_all = True
@@ -275,7 +299,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
             if "before" not in entry:  # a resumed stage keeps the judgement of the model it started from
                 entry["before"] = _quality(teacher, student, own_windows, info, baseline=False)
             if recipe.train.keep == "best" and stage_resume is None:
-                snapshot = _full_state_dict(student, info)
+                snapshot = _snapshot(student)
 
         def save(payload: dict[str, Any], stage: int = stage, unshared_all: bool = unshared_all,
                  lora_rank: int = lora_rank, kept: str = kept, student: Any = student,
@@ -299,7 +323,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         summary["name"] = STAGE_NAMES[stage]
         summary["seq_len"] = spec.seq_len
         summaries.append(summary)
-        if info.is_main and windows is not None and job.evaluate:
+        if windows is not None and job.evaluate:
             evals[f"stage{stage}"] = _quality(teacher, student, windows, info)
         kept = f"stage{stage}"
         if own_windows is not None:
@@ -307,6 +331,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
             entry["after"] = (evals[kept] if own_windows is windows
                               else _quality(teacher, student, own_windows, info, baseline=False))
             verdict = judge(entry["before"]["student"], entry["after"]["student"], tolerance)
+            verdict = from_rank0(verdict, info)
             action = "accepted"
             if verdict["regressed"]:
                 if recipe.train.keep == "last":
@@ -314,12 +339,12 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                 elif snapshot is None:
                     action = "kept: the stage was resumed mid-way, so the weights from before it are gone"
                 else:
-                    _load_full_state_dict(student, snapshot, info)
+                    _restore(student, snapshot)
                     kept = entry["starts_from"]
                     action = f"undone: the weights from before it are kept (train.keep=best, {kept})"
             entry.update(verdict, action=action, message=describe(stage, entry["seq_len"], verdict, action))
             (log.warning if verdict["regressed"] else log.info)("stage guard: %s", entry["message"])
-            if verdict["regressed"]:
+            if verdict["regressed"] and info.is_main:
                 print(f"qwerky: warning: {entry['message']}", flush=True)
         snapshot = None
         if stage == 1 and keep_k is not None and hybrid is None:
@@ -420,7 +445,8 @@ def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recip
     return result
 
 
-def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] | None) -> Any:
+def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] | None,
+                            is_main: bool = True) -> Any:
     """The stage's spec; warned about (and with train.teacher_context=cap shortened) when it trains past the
     teacher's effective context. The recipe itself is left as written (resume compares it)."""
     spec = recipe.stage(stage)
@@ -438,7 +464,8 @@ def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] 
                     "for a teacher that is weak there")
     context.setdefault("warnings", []).append(message)
     log.warning("%s", message)
-    print(f"qwerky: warning: {message}", flush=True)
+    if is_main:
+        print(f"qwerky: warning: {message}", flush=True)
     return spec
 
 
@@ -459,6 +486,8 @@ def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.
     baseline = convert_teacher(teacher, mixer="window") if baseline and not info.enabled else None
     with torch.no_grad():
         result = compare_models(teacher, student, windows.to(info.device), baseline=baseline)
+    if info.enabled:
+        reshard(teacher, student)
     student.train(was_training)
     return result
 
