@@ -1,0 +1,84 @@
+"""vLLM plugin: `vllm serve ./student` and `LLM("./student")` for folders exported by `qwerky convert`.
+
+vLLM finds `register` through the `vllm.general_plugins` entry point (pyproject.toml) and calls it in
+every process it starts. It registers the architecture name that exported folders carry
+(`QwerkyForCausalLM`) with vLLM's ModelRegistry, lazily (by "module:Class" string), and the config class
+for model_type "qwerky", so no `--trust-remote-code` is needed. Nothing here imports vLLM at import time:
+`import qwerky.vllm` works without it (the main package never imports this module).
+
+Which student mixers vLLM can run is `SUPPORTED_MIXERS` (the others fail at load with a clear error).
+Design and limits: docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURES = {"QwerkyForCausalLM": "qwerky.vllm.model:QwerkyForCausalLM"}
+# mixer name (config.mixer) -> "module:Class" of its vLLM layer; a new mixer adds one line and one module
+SUPPORTED_MIXERS = {"rwkv7": "qwerky.vllm.rwkv7:RWKV7TimeMix"}
+# the state update runs in this custom op: a graph split point for vLLM's compiler (like its own
+# linear-attention ops), so the per-request Python around it is never captured in a CUDA graph
+CUSTOM_OPS = ("vllm::qwerky_rwkv7_recurrence",)
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group; safe to call more than once."""
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, path in ARCHITECTURES.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, path)
+    register_config()
+    _register_splitting_ops()
+    _register_config_hook()
+
+
+def register_config() -> None:
+    """Make model_type "qwerky" resolve to qwerky's config class (vLLM's registry and transformers')."""
+    from transformers import AutoConfig
+
+    from qwerky.vllm.config import VllmQwerkyConfig
+
+    try:
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+        _CONFIG_REGISTRY["qwerky"] = VllmQwerkyConfig
+    except ImportError:  # pragma: no cover - layout of another vLLM version
+        pass
+    AutoConfig.register("qwerky", VllmQwerkyConfig, exist_ok=True)
+
+
+def _register_splitting_ops() -> None:
+    try:
+        from vllm.config.compilation import CompilationConfig
+    except ImportError:  # pragma: no cover
+        return
+    ops = getattr(CompilationConfig, "_attention_ops", None)
+    if isinstance(ops, list):
+        for op in CUSTOM_OPS:
+            if op not in ops:
+                ops.append(op)
+
+
+def _register_config_hook() -> None:
+    """vLLM's per-architecture config hook for state models (mamba block size = max_model_len, cache mode)."""
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
+    except ImportError:  # pragma: no cover
+        return
+    for arch in ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, MambaModelConfig)
+
+
+def mixer_layer(name: str) -> type:
+    """The vLLM layer class of a student mixer, or a ValueError naming the supported ones."""
+    import importlib
+
+    if name not in SUPPORTED_MIXERS:
+        raise ValueError(f"qwerky's vLLM plugin does not implement the {name!r} mixer yet (supported: "
+                         f"{', '.join(SUPPORTED_MIXERS)}); serve this student with `qwerky serve`")
+    module, _, cls = SUPPORTED_MIXERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["ARCHITECTURES", "SUPPORTED_MIXERS", "register", "register_config", "mixer_layer"]

@@ -1,0 +1,179 @@
+"""QwerkyForCausalLM for vLLM: the teacher's embeddings, MLPs, norms and head on vLLM's own (tensor-
+parallel) layers, with a qwerky mixer layer (`qwerky.vllm.SUPPORTED_MIXERS`) in place of attention.
+
+The teacher families served are the llama-like decoders (pre-norm, SiLU-gated MLP, RMSNorm): Qwen2,
+Qwen2.5, Qwen3, Llama, Mistral. The model is attention-free for vLLM (`IsAttentionFree`,
+`HasInnerState`): every layer holds a fixed-size state, allocated per request by vLLM from the mixer's
+state spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.sequence import IntermediateTensors
+
+from qwerky.vllm import mixer_layer
+
+SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+
+
+def _check_config(config) -> None:
+    tc = config.teacher_config
+    family = getattr(tc, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"qwerky's vLLM plugin serves students of {', '.join(SUPPORTED_FAMILIES)} teachers; this "
+                         f"one's teacher is {family!r} (serve it with `qwerky serve`)")
+    if config.attention_layers:
+        raise ValueError("hybrid students (attention_layers kept as full attention) are not supported by qwerky's "
+                         "vLLM plugin yet; serve them with `qwerky serve`")
+    if getattr(tc, "hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported MLP activation {tc.hidden_act!r} (silu only)")
+
+
+class QwerkyMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(h))
+        return out
+
+
+class QwerkyDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, first_layer: bool, vllm_config: VllmConfig, prefix: str) -> None:
+        super().__init__()
+        tc = config.teacher_config
+        eps = getattr(tc, "rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.self_attn = mixer_layer(config.mixer)(config, layer_idx, first_layer, vllm_config,
+                                                   prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.mlp = QwerkyMLP(config.hidden_size, tc.intermediate_size, bool(getattr(tc, "mlp_bias", False)),
+                             prefix=f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                v_first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, v_first = self.self_attn(positions, hidden, v_first)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual, v_first
+
+
+class QwerkyModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        _check_config(config)
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList([
+            QwerkyDecoderLayer(config, i, i == 0, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=getattr(config.teacher_config, "rms_norm_eps", 1e-6))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = v_first = None
+        for layer in self.layers:
+            hidden, residual, v_first = layer(positions, hidden, residual, v_first)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class QwerkyForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    """Registered under the architecture name every exported folder carries."""
+
+    packed_modules_mapping = {"rkv_proj": ["receptance", "key", "value"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.model = QwerkyModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, bias=bool(config.lm_head_bias),
+                                      prefix=_join(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    # ----- state spec, read by vLLM before the model is built -----
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
+        return mixer_layer(vllm_config.model_config.hf_config.mixer).state_shape_from_config(vllm_config)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
+        return mixer_layer(vllm_config.model_config.hf_config.mixer).state_dtype_from_config(vllm_config)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Exported names -> this model; every tensor must find a parameter (or be the tied head)."""
+        stacked = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+        stacked += list(mixer_layer(self.config.mixer).stacked_params)
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue
+            for target, source, shard in stacked:
+                if f".{source}." not in name:
+                    continue
+                pname = name.replace(f".{source}.", f".{target}.")
+                if pname not in params:
+                    raise KeyError(f"{name}: no parameter {pname} in the vLLM model")
+                param = params[pname]
+                param.weight_loader(param, tensor, shard)
+                loaded.add(pname)
+                break
+            else:
+                if name not in params:
+                    raise KeyError(f"{name}: the exported folder has a tensor the vLLM model does not know")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        return loaded
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

