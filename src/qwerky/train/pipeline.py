@@ -460,8 +460,9 @@ def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] 
         spec = dataclasses.replace(spec, seq_len=int(context["effective"]))
         message += f"; capped to {spec.seq_len} tokens (train.teacher_context=cap)"
     else:
-        message += ("; set train.teacher_context=cap to train there at the effective context, or stage4.loss=ce "
-                    "for a teacher that is weak there")
+        message += "; set train.teacher_context=cap to train there at the effective context"
+        if spec.loss == "kl":
+            message += f", or stage{stage}.loss=ce for a teacher that is weak there"
     context.setdefault("warnings", []).append(message)
     log.warning("%s", message)
     if is_main:
