@@ -91,6 +91,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A converted student as one file for another runtime (GGUF: llama.cpp, ollama, llama-cpp-python)."""
+    from qwerky.surgery.gguf_export import export_gguf_folder
+
+    path = export_gguf_folder(args.student, args.out, quant=args.quant)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.quant}, llama.cpp architecture arwkv7)")
+    return 0
+
+
 def cmd_mixers(args: argparse.Namespace) -> int:
     """List the registered student mixers and their options (the registry is the only list)."""
     from qwerky.modeling.mixer_base import get_mixer, mixer_names
@@ -159,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", default=True)
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field")
     d.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("export", help="write a converted student as a GGUF file (llama.cpp); --mixer arwkv7 students")
+    ex.add_argument("student", help="converted student folder")
+    ex.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf)")
+    ex.add_argument("--out", required=True, help="output file, e.g. student-f16.gguf")
+    ex.add_argument("--quant", default="f16", help="f32, f16 (default), bf16, q8_0, q5_0, q5_1, q4_0 or q4_1")
+    ex.set_defaults(func=cmd_export)
 
     mx = sub.add_parser("mixers", help="list the student mixers and their options")
     mx.set_defaults(func=cmd_mixers)
