@@ -1,4 +1,4 @@
-"""The plugin's pure-PyTorch pieces, without vLLM: the packed-batch recurrence and the mixer lookup.
+"""The plugin's pure-PyTorch pieces, without vLLM: packed-batch recurrences, token shift, the mixer lookup.
 
 (These run in the main CI; the engine tests next to them need vLLM and run via scripts/test_vllm.sh.)
 """
@@ -8,48 +8,119 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwerky.modeling.ops_rwkv7 import naive_recurrent_rwkv7
+from qwerky.modeling.ops_gated_deltanet import gated_delta_rule, naive_recurrent_gated_delta_rule
+from qwerky.modeling.ops_rwkv6 import naive_recurrent_rwkv6, rwkv6_attention
+from qwerky.modeling.ops_rwkv7 import naive_recurrent_rwkv7, rwkv7_attention
 from qwerky.vllm import SUPPORTED_MIXERS, mixer_layer
 from qwerky.vllm.config import VllmQwerkyConfig
-from qwerky.vllm.ops import rwkv7_packed
+from qwerky.vllm.ops import PackedBatch, run_packed, rwkv7_packed, token_shift_packed
+
+LENS = [1, 1, 5, 70, 3]  # decodes first, then prefills (70 > one 64-token chunk)
+SLOTS = [3, 1, 4, 2, 5]
+INIT = [True, True, False, True, False]  # decodes always continue; prefill 2 continues a chunk
 
 
-def _inputs(N: int, H: int, D: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+def _batch() -> PackedBatch:
+    qsl = torch.tensor([0] + list(torch.tensor(LENS).cumsum(0)))
+    return PackedBatch(2, 3, qsl, torch.tensor(SLOTS), torch.tensor(INIT[2:]))
+
+
+def _rwkv7_inputs(N: int, H: int, D: int, g: torch.Generator):
     r, k, v = (torch.randn(N, H, D, generator=g) for _ in range(3))
     w = -torch.rand(N, H, D, generator=g) * 0.6
     kappa = torch.nn.functional.normalize(torch.randn(N, H, D, generator=g), dim=-1)
     a = torch.rand(N, H, D, generator=g)
-    return r, w, k * 0.5, v, -kappa, kappa * a
+    return [r, w, k * 0.5, v, -kappa, kappa * a]
 
 
-def test_packed_batch_equals_each_sequence_alone() -> None:
-    """2 decodes then 3 prefills (one continuing from its slot): each request's output and final state are
-    those of the reference recurrence run on that request alone; a padded slot id (-1) is harmless."""
+def _gdn_inputs(N: int, H: int, D: int, g: torch.Generator):
+    q, k = (torch.nn.functional.normalize(torch.randn(N, H, D, generator=g), dim=-1) for _ in range(2))
+    return [q, k, torch.randn(N, H, D, generator=g), -torch.rand(N, H, generator=g) * 2,
+            torch.rand(N, H, generator=g)]
+
+
+def _rwkv6_inputs(N: int, H: int, D: int, g: torch.Generator):
+    r, k, v = (torch.randn(N, H, D, generator=g) for _ in range(3))
+    return [r, k * 0.5, v, -torch.rand(N, H, D, generator=g) * 2]
+
+
+def _rwkv6(*xs, **kw):
+    return rwkv6_attention(*xs, torch.ones(xs[0].shape[2:]), **kw)
+
+
+# (sequence op of the mixer, its reference form, inputs, scale)
+OPS = {
+    "rwkv7": (rwkv7_attention, naive_recurrent_rwkv7, _rwkv7_inputs, 8**-0.5),
+    "gated_deltanet": (gated_delta_rule, naive_recurrent_gated_delta_rule, _gdn_inputs, 1.0),
+    "rwkv6": (_rwkv6, lambda *xs, **kw: naive_recurrent_rwkv6(*xs, torch.ones(xs[0].shape[2:]), **kw),
+              _rwkv6_inputs, 8**-0.5),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_packed_batch_equals_each_sequence_alone(op: str) -> None:
+    """2 decodes then 3 prefills (one continuing from its slot), run through `run_packed` with the mixer's
+    op: each request's output and final state are those of the reference recurrence run on that request
+    alone; untouched slots stay; a padded slot id (-1) writes only to slot 0 (vLLM's null block)."""
+    fast, naive, make_inputs, scale = OPS[op]
     H, D = 2, 8
-    lens = [1, 1, 5, 70, 3]  # decodes first, then prefills (70 > one 64-token chunk)
-    slots = [3, 1, 4, 2, 5]
-    init_flags = [True, True, False, True, False]  # decodes always continue; prefill 2 continues a chunk
-    N = sum(lens)
-    r, w, k, v, a, b = _inputs(N, H, D)
-    g = torch.Generator().manual_seed(1)
+    N = sum(LENS)
+    g = torch.Generator().manual_seed(0)
+    inputs = make_inputs(N, H, D, g)
     state = torch.randn(7, H, D, D, generator=g) * 0.1
     before = state.clone()
-    qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)))
-    o = rwkv7_packed(r, w, k, v, a, b, state, torch.tensor(slots), qsl, torch.tensor(init_flags[2:]),
-                     num_decodes=2, num_prefills=3, scale=D**-0.5, backend="torch")
-    for i, (start, end, slot) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(), slots)):
-        s0 = before[slot][None] if init_flags[i] else None
-        ref_o, ref_s = naive_recurrent_rwkv7(*(x[None, start:end] for x in (r, w, k, v, a, b)), scale=D**-0.5,
-                                             initial_state=s0)
-        torch.testing.assert_close(o[start:end], ref_o[0], atol=1e-4, rtol=1e-4)
+
+    def step(xs, s0):
+        o, s = fast(*xs, scale=scale, initial_state=None if s0 is None else s0[0], output_final_state=True,
+                    backend="torch")
+        return o, [s]
+
+    out = torch.zeros_like(inputs[-2] if op == "rwkv7" else inputs[2])
+    batch = _batch()
+    run_packed(step, inputs, [state], batch, out)
+    qsl = batch.query_start_loc
+    for i, (start, end, slot) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(), SLOTS)):
+        s0 = before[slot][None] if INIT[i] else None
+        ref_o, ref_s = naive(*(x[None, start:end] for x in inputs), scale=scale, initial_state=s0)
+        torch.testing.assert_close(out[start:end], ref_o[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(state[slot], ref_s[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(state[6], before[6])  # untouched slots stay as they were
+    torch.testing.assert_close(state[6], before[6])
 
     pad = state.clone()
-    rwkv7_packed(r[:2], w[:2], k[:2], v[:2], a[:2], b[:2], pad, torch.tensor([3, -1]), qsl[:3], None,
-                 num_decodes=2, num_prefills=0, scale=D**-0.5, backend="torch")
-    torch.testing.assert_close(pad[1:3], state[1:3])  # the padded row wrote only to slot 0 (vLLM's null block)
+    run_packed(step, [x[:2] for x in inputs], [pad], PackedBatch(2, 0, qsl[:3], torch.tensor([3, -1])),
+               torch.zeros_like(out[:2]))
+    torch.testing.assert_close(pad[1:3], state[1:3])
+
+
+def test_rwkv7_packed_matches_run_packed() -> None:
+    g = torch.Generator().manual_seed(2)
+    inputs = _rwkv7_inputs(sum(LENS), 2, 8, g)
+    s1 = torch.randn(7, 2, 8, 8, generator=g) * 0.1
+    s2 = s1.clone()
+    o1 = rwkv7_packed(*inputs, s1, _batch(), scale=8**-0.5, backend="torch")
+    o2 = torch.zeros_like(o1)
+    run_packed(lambda xs, s0: (lambda o, s: (o, [s]))(*naive_recurrent_rwkv7(
+        *xs, scale=8**-0.5, initial_state=None if s0 is None else s0[0])), inputs, [s2], _batch(), o2)
+    torch.testing.assert_close(o1, o2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+def test_token_shift_packed() -> None:
+    """Each row gets the row before it in its own request; a request's first row gets its slot's saved row
+    when it continues (decodes, continued chunks) and zero when it is new; each slot keeps its last row."""
+    C = 3
+    N = sum(LENS)
+    x = torch.randn(N, C)
+    shift = torch.randn(7, C)
+    before = shift.clone()
+    batch = _batch()
+    x_prev = token_shift_packed(x, shift, batch)
+    qsl = batch.query_start_loc.tolist()
+    for i, (start, end, slot) in enumerate(zip(qsl[:-1], qsl[1:], SLOTS)):
+        first = before[slot] if INIT[i] else torch.zeros(C)
+        torch.testing.assert_close(x_prev[start:end], torch.cat([first[None], x[start:end - 1]]))
+        torch.testing.assert_close(shift[slot], x[end - 1])
+    torch.testing.assert_close(shift[[0, 6]], before[[0, 6]])
 
 
 def test_mixer_lookup_and_config() -> None:

@@ -6,6 +6,7 @@ Needs vLLM (its own environment: scripts/test_vllm.sh); skipped otherwise.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from qwerky.surgery import convert_teacher, load_student, save_student  # noqa: E402
+from qwerky.vllm import SUPPORTED_MIXERS  # noqa: E402
 from qwerky_testing import build_tokenizer, tiny_teacher  # noqa: E402
 
 # the engine runs in this process (no engine-core subprocess), with a small CPU cache
@@ -35,17 +37,22 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.",
 ARCH = "QwerkyForCausalLM"
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Qwen3-family RWKV-7 student (q/k norms, GQA), weights perturbed so tokens are not degenerate."""
-    out = tmp_path_factory.mktemp("vllm") / "student"
+def _make_student(out: Path, mixer: str, family: str, **overrides) -> Path:
+    """A tiny student of `family`, weights perturbed so tokens are not degenerate and every mixer part
+    (token shift, bonus, value residual, gates) is away from its neutral start."""
     torch.manual_seed(1)
-    student = convert_teacher(tiny_teacher("qwen3"), mixer="rwkv7")
+    student = convert_teacher(tiny_teacher(family, **overrides), mixer=mixer)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     save_student(student, build_tokenizer(), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-family RWKV-7 student (q/k norms, GQA)."""
+    return _make_student(tmp_path_factory.mktemp("vllm") / "student", "rwkv7", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +125,7 @@ def test_weights_loaded_and_state_spec(llm, student_dir: Path) -> None:
     assert set(params) == (set(saved) - {n for n in saved if any(f".{s}." in n for s in stacked)}) | set(pieces)
 
 
-def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
-    """Prompts of 1 to ~110 tokens submitted together (chunked prefill at 64 tokens, decodes mixed with
-    prefills): vLLM's 32 greedy tokens equal HF generate() of the same student, prompt by prompt."""
+def _assert_greedy_equal(llm, student_dir: Path) -> None:
     from vllm import SamplingParams
 
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
@@ -132,6 +137,43 @@ def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
         ref = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
         assert list(out.outputs[0].token_ids) == ref.tolist(), f"prompt of {ids.shape[1]} tokens"
     assert min(lengths) <= 8 and max(lengths) > 2 * 64  # really different lengths, one over two prefill chunks
+
+
+def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
+    """Prompts of 1 to ~130 tokens submitted together (chunked prefill at 64 tokens, decodes mixed with
+    prefills): vLLM's 32 greedy tokens equal HF generate() of the same student, prompt by prompt."""
+    _assert_greedy_equal(llm, student_dir)
+
+
+# every other mixer the plugin serves, on teachers that exercise different parts: Qwen2's q/k/v biases,
+# Llama's untied head and llama3 RoPE scaling, Mistral, Qwen3's q/k norms
+OTHER_CASES = [
+    ("rwkv7", "qwen2", {}),
+    ("rwkv7", "llama", {"tie_word_embeddings": False, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("arwkv7", "qwen2", {}),
+    ("rwkv6", "mistral", {"tie_word_embeddings": False}),
+    ("gated_deltanet", "qwen3", {}),
+]
+
+
+@pytest.mark.parametrize(("mixer", "family", "overrides"), OTHER_CASES,
+                         ids=[f"{m}-{f}" for m, f, _ in OTHER_CASES])
+def test_greedy_tokens_equal_hf_generate_other_mixers(mixer: str, family: str, overrides: dict,
+                                                      tmp_path: Path) -> None:
+    """The same check for each other supported mixer (a state-only one, and two with a token-shift state)."""
+    from vllm import LLM
+
+    assert mixer in SUPPORTED_MIXERS
+    student_dir = _make_student(tmp_path / "student", mixer, family, **overrides)
+    engine = LLM(model=str(student_dir), **ENGINE_ARGS)
+    try:
+        _assert_greedy_equal(engine, student_dir)
+    finally:  # shut this engine down now: a failed test's traceback would keep it alive into the next one
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
 
 
 def _free_port() -> int:

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 ARCHITECTURES = {"QwerkyForCausalLM": "qwerky.vllm.model:QwerkyForCausalLM"}
 # mixer name (config.mixer) -> "module:Class" of its vLLM layer; a new mixer adds one line and one module
-SUPPORTED_MIXERS = {"rwkv7": "qwerky.vllm.rwkv7:RWKV7TimeMix"}
-# the state update runs in this custom op: a graph split point for vLLM's compiler (like its own
-# linear-attention ops), so the per-request Python around it is never captured in a CUDA graph
-CUSTOM_OPS = ("vllm::qwerky_rwkv7_recurrence",)
+SUPPORTED_MIXERS = {
+    "rwkv7": "qwerky.vllm.rwkv7:RWKV7TimeMix",
+    "arwkv7": "qwerky.vllm.arwkv7:ARWKV7TimeMix",
+    "rwkv6": "qwerky.vllm.rwkv6:RWKV6TimeMix",
+    "gated_deltanet": "qwerky.vllm.gated_deltanet:GatedDeltaNetLayer",
+}
+# what reads or writes the state runs in these custom ops (qwerky.vllm.layer): graph split points for
+# vLLM's compiler (like its own linear-attention ops), so the per-request Python in them is never captured
+CUSTOM_OPS = ("vllm::qwerky_state_update", "vllm::qwerky_token_shift")
 
 
 def register() -> None:

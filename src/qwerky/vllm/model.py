@@ -150,11 +150,15 @@ class QwerkyForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Exported names -> this model; every tensor must find a parameter (or be the tied head)."""
         stacked = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
-        stacked += list(mixer_layer(self.config.mixer).stacked_params)
+        layer_cls = mixer_layer(self.config.mixer)
+        stacked += layer_cls.stacked_params()
+        unused = tuple(f".self_attn.{suffix}" for suffix in layer_cls.unused_weights())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue
+            if unused and name.endswith(unused):  # the teacher's tensors the mixer's graph does not use
                 continue
             for target, source, shard in stacked:
                 if f".{source}." not in name:

@@ -1,53 +1,104 @@
-"""Recurrences over vLLM's packed batches, in plain PyTorch (no vLLM import: testable without it).
+"""State updates over vLLM's packed batches, in plain PyTorch (no vLLM import: testable without it).
 
 vLLM hands a layer one flat batch of tokens [N, ...]: first the decode requests (one token each), then
 the prefill requests (a prompt, or a piece of one under chunked prefill), with `query_start_loc`
-giving each request's token range and a state-cache slot per request. The per-sequence state lives in a
-cache tensor [num_slots, ...] owned by vLLM; these functions read each request's slot, run the
-recurrence and write the slot back in place.
+giving each request's token range and a state-cache slot per request. The per-sequence state lives in
+cache tensors [num_slots, ...] owned by vLLM; these functions read each request's slot, run the mixer's
+recurrence (any `Step`: the mixer's own sequence op from qwerky.modeling) and write the slot back in
+place. Negative slot ids (padding rows of a CUDA-graph batch) are sent to slot 0, vLLM's null block.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from qwerky.modeling.ops_rwkv7 import rwkv7_attention
 
+# step(inputs [B, T, ...] each, initial states [B, ...] each or None) -> (output [B, T, ...], final states)
+Step = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor] | None], tuple[torch.Tensor, Sequence[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Where each request's tokens and state are in one packed step (vLLM's linear-attention metadata)."""
+
+    num_decodes: int
+    num_prefills: int
+    query_start_loc: torch.Tensor  # [num_requests + 1] token offsets, decodes first
+    state_indices: torch.Tensor  # [num_requests] state slot per request
+    has_initial_state: torch.Tensor | None = None  # [num_prefills]: a continued chunked prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[self.num_decodes + self.num_prefills])
+
+    def prefills(self) -> list[tuple[int, int, int, bool]]:
+        """(start, end, slot, continues) per prefill request."""
+        nd, npf = self.num_decodes, self.num_prefills
+        bounds = self.query_start_loc[nd:nd + npf + 1].tolist()
+        slots = self.state_indices[nd:nd + npf].tolist()
+        init = [True] * npf if self.has_initial_state is None else self.has_initial_state.tolist()
+        return [(bounds[j], bounds[j + 1], slots[j], bool(init[j])) for j in range(npf)]
+
+
+def run_packed(step: Step, inputs: Sequence[torch.Tensor], states: Sequence[torch.Tensor], batch: PackedBatch,
+               out: torch.Tensor) -> None:
+    """Run `step` over a packed batch: all decodes as one batch of one-token sequences, then each prefill
+    alone (from its slot when it continues, from zero otherwise); writes `out[:num_tokens]` and the slots."""
+    nd = batch.num_decodes
+    if nd > 0:
+        idx = batch.state_indices[:nd].long().clamp(min=0)
+        o, finals = step([x[:nd, None] for x in inputs], [s[idx] for s in states])
+        out[:nd] = o[:, 0]
+        for s, f in zip(states, finals):
+            s[idx] = f.to(s.dtype)
+    for start, end, slot, continues in batch.prefills():
+        if end <= start:
+            continue
+        slot = max(slot, 0)
+        initial = [s[slot][None] for s in states] if continues else None
+        o, finals = step([x[None, start:end] for x in inputs], initial)
+        out[start:end] = o[0]
+        for s, f in zip(states, finals):
+            s[slot] = f[0].to(s.dtype)
+
+
+def token_shift_packed(x: torch.Tensor, shift_state: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """The previous token's input for every row of a packed batch (RWKV's token shift): a request's first
+    row gets its slot's saved row (zero for a new request), the others the row before; each slot then
+    keeps its request's last row. x [N, C], shift_state [num_slots, C]; returns x_prev [N, C]."""
+    x_prev = torch.zeros_like(x)
+    nd = batch.num_decodes
+    if nd > 0:
+        idx = batch.state_indices[:nd].long().clamp(min=0)
+        x_prev[:nd] = shift_state[idx].to(x.dtype)
+        shift_state[idx] = x[:nd].to(shift_state.dtype)
+    for start, end, slot, continues in batch.prefills():
+        if end <= start:
+            continue
+        slot = max(slot, 0)
+        if continues:
+            x_prev[start] = shift_state[slot].to(x.dtype)
+        x_prev[start + 1:end] = x[start:end - 1]
+        shift_state[slot] = x[end - 1].to(shift_state.dtype)
+    return x_prev
+
 
 def rwkv7_packed(
     r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-    state: torch.Tensor, state_indices: torch.Tensor, query_start_loc: torch.Tensor,
-    has_initial_state: torch.Tensor | None, num_decodes: int, num_prefills: int, scale: float,
-    backend: str = "auto",
+    state: torch.Tensor, batch: PackedBatch, scale: float, backend: str = "auto",
 ) -> torch.Tensor:
     """RWKV-7 over a packed batch: r, w, k, a, b [N, H, K], v [N, H, V]; returns o [N, H, V] (v's dtype).
+    state [num_slots, H, K, V] (fp32 normally) is read and written per request."""
 
-    state [num_slots, H, K, V] (fp32 normally) is read at `state_indices[i]` and written back after each
-    request. The first `num_decodes` requests are single-token decode steps (run together as one
-    batch); the next `num_prefills` requests are token ranges from `query_start_loc`, each starting from
-    its slot when `has_initial_state[j]` (a continued chunked prefill) and from zero otherwise.
-    Negative slot ids (padding in a CUDA-graph batch) are sent to slot 0, vLLM's never-used null block.
-    """
-    N = r.shape[0]
+    def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+        o, s = rwkv7_attention(*xs, scale=scale, initial_state=None if s0 is None else s0[0].float(),
+                               output_final_state=True, backend=backend)
+        return o, [s]
+
     o = v.new_zeros(v.shape)
-    if num_decodes > 0:
-        idx = state_indices[:num_decodes].long().clamp(min=0)
-        s0 = state[idx].float()
-        od, s1 = rwkv7_attention(*(x[:num_decodes, None] for x in (r, w, k, v, a, b)), scale=scale,
-                                 initial_state=s0, output_final_state=True, backend=backend)
-        o[:num_decodes] = od[:, 0]
-        state[idx] = s1.to(state.dtype)
-    if num_prefills > 0:
-        bounds = query_start_loc[num_decodes:num_decodes + num_prefills + 1].tolist()
-        slots = state_indices[num_decodes:num_decodes + num_prefills].tolist()
-        init = [True] * num_prefills if has_initial_state is None else has_initial_state.tolist()
-        for j in range(num_prefills):
-            start, end, slot = bounds[j], min(bounds[j + 1], N), slots[j]
-            if end <= start:
-                continue
-            s0 = state[slot][None].float() if init[j] else None
-            op, s1 = rwkv7_attention(*(x[None, start:end] for x in (r, w, k, v, a, b)), scale=scale,
-                                     initial_state=s0, output_final_state=True, backend=backend)
-            o[start:end] = op[0]
-            state[slot] = s1[0].to(state.dtype)
+    run_packed(step, (r, w, k, v, a, b), [state], batch, o)
     return o
