@@ -36,8 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_default_models(out: Path, max_len: int) -> tuple[Path, Path]:
-    """The embedded teacher (4-layer Qwen2, assets/teacher) and its stage-0 RWKV-7 student (weight transfer);
+def build_default_models(out: Path, max_len: int, mixer: str = "rwkv7") -> tuple[Path, Path]:
+    """The embedded teacher (4-layer Qwen2, assets/teacher) and its stage-0 student (weight transfer);
     the teacher's copy allows positions up to max_len (its RoPE extends; it was trained at 8192)."""
     import shutil
 
@@ -53,18 +53,33 @@ def build_default_models(out: Path, max_len: int) -> tuple[Path, Path]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="float32")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(teacher_dir)
     student_dir = out / "student"
-    save_student(convert_teacher(teacher, mixer="rwkv7"), tokenizer, student_dir)
+    save_student(convert_teacher(teacher, mixer=mixer), tokenizer, student_dir)
     return student_dir, teacher_dir
 
 
-def bytes_per_sequence(model_dir: Path, tokens: int, dtype_bytes: int) -> tuple[int, str]:
+def state_bytes(llm: Any) -> int:
+    """Bytes of recurrent state per sequence, read from the layers' state spec inside the engine (0 for a
+    model without state layers); the same whatever the context length."""
+    import math
+
+    def count(model: Any) -> int:
+        total = 0
+        for m in model.modules():
+            if hasattr(m, "get_state_shape"):
+                for shape, dtype in zip(m.get_state_shape(), m.get_state_dtype()):
+                    total += math.prod(shape) * dtype.itemsize
+        return total
+
+    return sum(llm.apply_model(count))
+
+
+def kv_bytes_per_sequence(model_dir: Path, tokens: int, dtype_bytes: int) -> int:
+    """The teacher's KV cache for one sequence of `tokens` tokens."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    if cfg.get("model_type") == "qwerky":  # RWKV-7: one fp32 [H, D, D] state per layer, whatever the length
-        return cfg["num_hidden_layers"] * cfg["num_heads"] * cfg["head_dim"] ** 2 * 4, "state"
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * kv * head_dim * dtype_bytes * tokens, "kv"
+    return 2 * cfg["num_hidden_layers"] * kv * head_dim * dtype_bytes * tokens
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -83,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.cache_mb * 2**20,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False, seed=0)
     engine = llm.llm_engine
+    print("STATE " + json.dumps({"state_bytes": state_bytes(llm)}), flush=True)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
@@ -132,15 +148,17 @@ def run_model(name: str, model: Path, args: argparse.Namespace) -> list[dict[str
     print(f"[{name}] {model}", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     rows = [json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("RESULT ")]
-    if res.returncode != 0 or not rows:
+    state = [json.loads(line[6:]) for line in res.stdout.splitlines() if line.startswith("STATE ")]
+    if res.returncode != 0 or not rows or not state:
         raise SystemExit(f"{name} worker failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
-    return rows
+    return [{**row, **state[0]} for row in rows]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", type=Path)
     ap.add_argument("--teacher", type=Path)
+    ap.add_argument("--mixer", default="rwkv7", help="student mixer when the student is built here (no --student)")
     ap.add_argument("--lengths", default="512,2048,8192", help="prompt lengths (comma-separated)")
     ap.add_argument("--streams", type=int, default=16, help="requests submitted together per length")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         student, teacher = args.student, args.teacher
         if student is None or teacher is None:
             max_len = max(int(x) for x in args.lengths.split(",")) + args.max_tokens
-            built_student, built_teacher = build_default_models(Path(tmp), max_len)
+            built_student, built_teacher = build_default_models(Path(tmp), max_len, args.mixer)
             student, teacher = student or built_student, teacher or built_teacher
         results = {"student": run_model("student", student, args), "teacher": run_model("teacher", teacher, args)}
         rows = _rows(results, student, teacher, args)
@@ -181,8 +199,8 @@ def _rows(results: dict[str, list[dict[str, Any]]], student: Path, teacher: Path
     rows = []
     for s, t in zip(results["student"], results["teacher"]):
         L = s["length"]
-        s_bytes, _ = bytes_per_sequence(student, L + args.max_tokens, dtype_bytes)
-        t_bytes, _ = bytes_per_sequence(teacher, L + args.max_tokens, dtype_bytes)
+        s_bytes = s["state_bytes"]  # constant: the mixer's state spec
+        t_bytes = kv_bytes_per_sequence(teacher, L + args.max_tokens, dtype_bytes)
         budget = args.cache_mb * 2**20
         ratio = (s["decode_tokens_per_s"] / t["decode_tokens_per_s"]
                  if s["decode_tokens_per_s"] and t["decode_tokens_per_s"] else None)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +38,11 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.",
 ARCH = "QwerkyForCausalLM"
 
 
-def _make_student(out: Path, mixer: str, family: str, **overrides) -> Path:
+def _make_student(out: Path, mixer: str, family: str, keep: tuple[int, ...] = (), **overrides: Any) -> Path:
     """A tiny student of `family`, weights perturbed so tokens are not degenerate and every mixer part
     (token shift, bonus, value residual, gates) is away from its neutral start."""
     torch.manual_seed(1)
-    student = convert_teacher(tiny_teacher(family, **overrides), mixer=mixer)
+    student = convert_teacher(tiny_teacher(family, **overrides), mixer=mixer, attention_layers=keep)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -155,11 +156,17 @@ OTHER_CASES = [
     ("arwkv7", "qwen2", {}),
     ("rwkv6", "mistral", {"tie_word_embeddings": False}),
     ("gated_deltanet", "qwen3", {}),
+    # hybrids: teacher attention kept in one layer (vLLM's hybrid path: paged KV cache beside the states);
+    # keeping layer 0 makes layer 1 RWKV-7's first layer (it sets v_first). Head size 32: vLLM's CPU
+    # attention kernel has no head size 16
+    ("rwkv7", "qwen3", {"keep": (0,), "head_dim": 32}),
+    ("arwkv7", "llama", {"keep": (1,), "num_hidden_layers": 3, "head_dim": 32}),
 ]
 
 
 @pytest.mark.parametrize(("mixer", "family", "overrides"), OTHER_CASES,
-                         ids=[f"{m}-{f}" for m, f, _ in OTHER_CASES])
+                         ids=[f"{m}-{f}" + ("-keep" + "".join(map(str, o["keep"])) if "keep" in o else "")
+                              for m, f, o in OTHER_CASES])
 def test_greedy_tokens_equal_hf_generate_other_mixers(mixer: str, family: str, overrides: dict,
                                                       tmp_path: Path) -> None:
     """The same check for each other supported mixer (a state-only one, and two with a token-shift state)."""
@@ -169,6 +176,10 @@ def test_greedy_tokens_equal_hf_generate_other_mixers(mixer: str, family: str, o
     student_dir = _make_student(tmp_path / "student", mixer, family, **overrides)
     engine = LLM(model=str(student_dir), **ENGINE_ARGS)
     try:
+        keep = set(overrides.get("keep", ()))
+        kinds = engine.apply_model(lambda m: [type(layer.self_attn).__name__ for layer in m.model.layers])[0]
+        assert [k == "KeptAttention" for k in kinds] == [i in keep for i in range(len(kinds))]
+        assert engine.llm_engine.model_config.is_hybrid == bool(keep)  # vLLM's hybrid path: KV cache + states
         _assert_greedy_equal(engine, student_dir)
     finally:  # shut this engine down now: a failed test's traceback would keep it alive into the next one
         engine.llm_engine.engine_core.shutdown()

@@ -12,7 +12,10 @@ Design and limits: docs/vllm.md.
 
 from __future__ import annotations
 
-ARCHITECTURES = {"QwerkyForCausalLM": "qwerky.vllm.model:QwerkyForCausalLM"}
+ARCHITECTURES = {"QwerkyForCausalLM": "qwerky.vllm.model:QwerkyForCausalLM",
+                 # hybrids (attention layers kept); config.json still says QwerkyForCausalLM: the config class
+                 # (qwerky.vllm.config) routes them here
+                 "QwerkyHybridForCausalLM": "qwerky.vllm.model:QwerkyHybridForCausalLM"}
 # mixer name (config.mixer) -> "module:Class" of its vLLM layer; a new mixer adds one line and one module
 SUPPORTED_MIXERS = {
     "rwkv7": "qwerky.vllm.rwkv7:RWKV7TimeMix",
@@ -66,13 +69,17 @@ def _register_splitting_ops() -> None:
 
 
 def _register_config_hook() -> None:
-    """vLLM's per-architecture config hook for state models (mamba block size = max_model_len, cache mode)."""
+    """vLLM's per-architecture config hooks for state models (mamba block size, cache mode) and hybrids."""
     try:
-        from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
+        from vllm.model_executor.models.config import (
+            MODELS_CONFIG_MAP,
+            HybridAttentionMambaModelConfig,
+            MambaModelConfig,
+        )
     except ImportError:  # pragma: no cover
         return
-    for arch in ARCHITECTURES:
-        MODELS_CONFIG_MAP.setdefault(arch, MambaModelConfig)
+    MODELS_CONFIG_MAP.setdefault("QwerkyForCausalLM", MambaModelConfig)
+    MODELS_CONFIG_MAP.setdefault("QwerkyHybridForCausalLM", HybridAttentionMambaModelConfig)
 
 
 def mixer_layer(name: str) -> type:

@@ -2,9 +2,9 @@
 parallel) layers, with a qwerky mixer layer (`qwerky.vllm.SUPPORTED_MIXERS`) in place of attention.
 
 The teacher families served are the llama-like decoders (pre-norm, SiLU-gated MLP, RMSNorm): Qwen2,
-Qwen2.5, Qwen3, Llama, Mistral. The model is attention-free for vLLM (`IsAttentionFree`,
+Qwen2.5, Qwen3, Llama, Mistral. A fully converted student is attention-free for vLLM (`IsAttentionFree`,
 `HasInnerState`): every layer holds a fixed-size state, allocated per request by vLLM from the mixer's
-state spec.
+state spec. A hybrid (teacher attention kept in some layers) is a vLLM hybrid model (`IsHybrid`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, IsHybrid
 from vllm.sequence import IntermediateTensors
 
 from qwerky.vllm import mixer_layer
+from qwerky.vllm.attention import KeptAttention
 
 SUPPORTED_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 
@@ -35,9 +36,6 @@ def _check_config(config) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"qwerky's vLLM plugin serves students of {', '.join(SUPPORTED_FAMILIES)} teachers; this "
                          f"one's teacher is {family!r} (serve it with `qwerky serve`)")
-    if config.attention_layers:
-        raise ValueError("hybrid students (attention_layers kept as full attention) are not supported by qwerky's "
-                         "vLLM plugin yet; serve them with `qwerky serve`")
     if getattr(tc, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported MLP activation {tc.hidden_act!r} (silu only)")
 
@@ -62,8 +60,8 @@ class QwerkyDecoderLayer(nn.Module):
         tc = config.teacher_config
         eps = getattr(tc, "rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
-        self.self_attn = mixer_layer(config.mixer)(config, layer_idx, first_layer, vllm_config,
-                                                   prefix=f"{prefix}.self_attn")
+        layer_cls = KeptAttention if layer_idx in config.attention_layers else mixer_layer(config.mixer)
+        self.self_attn = layer_cls(config, layer_idx, first_layer, vllm_config, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.mlp = QwerkyMLP(config.hidden_size, tc.intermediate_size, bool(getattr(tc, "mlp_bias", False)),
                              prefix=f"{prefix}.mlp")
@@ -88,8 +86,10 @@ class QwerkyModel(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
+        kept = set(config.attention_layers)
+        first_recurrent = next((i for i in range(config.num_hidden_layers) if i not in kept), None)
         self.layers = nn.ModuleList([
-            QwerkyDecoderLayer(config, i, i == 0, vllm_config, prefix=f"{prefix}.layers.{i}")
+            QwerkyDecoderLayer(config, i, i == first_recurrent, vllm_config, prefix=f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=getattr(config.teacher_config, "rms_norm_eps", 1e-6))
 
@@ -106,10 +106,11 @@ class QwerkyModel(nn.Module):
         return hidden
 
 
-class QwerkyForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
-    """Registered under the architecture name every exported folder carries."""
+class _QwerkyCausalLM(nn.Module, HasInnerState):
+    """The student for vLLM; the two registered classes below differ only in what vLLM must allocate."""
 
-    packed_modules_mapping = {"rkv_proj": ["receptance", "key", "value"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = {"rkv_proj": ["receptance", "key", "value"], "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -151,7 +152,7 @@ class QwerkyForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         """Exported names -> this model; every tensor must find a parameter (or be the tied head)."""
         stacked = [("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
         layer_cls = mixer_layer(self.config.mixer)
-        stacked += layer_cls.stacked_params()
+        stacked += layer_cls.stacked_params() + KeptAttention.stacked_params()
         unused = tuple(f".self_attn.{suffix}" for suffix in layer_cls.unused_weights())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -177,6 +178,16 @@ class QwerkyForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
         return loaded
+
+
+class QwerkyForCausalLM(_QwerkyCausalLM, IsAttentionFree):
+    """Every layer converted: a fixed-size state per request and no KV cache. Registered under the
+    architecture name every exported folder carries."""
+
+
+class QwerkyHybridForCausalLM(_QwerkyCausalLM, IsHybrid):
+    """Some teacher attention layers kept (`--keep-attention`): vLLM's hybrid path (paged KV cache for the
+    kept layers beside the converted layers' states). The config class routes such folders here."""
 
 
 def _join(prefix: str, name: str) -> str:
