@@ -125,8 +125,8 @@ def test_token_shift_packed() -> None:
 
 def test_mixer_lookup_and_config() -> None:
     assert "rwkv7" in SUPPORTED_MIXERS
-    with pytest.raises(ValueError, match="does not implement the 'window' mixer"):
-        mixer_layer("window")
+    with pytest.raises(ValueError, match="does not implement the 'made_up' mixer"):
+        mixer_layer("made_up")
     from qwerky_testing import tiny_config
 
     cfg = VllmQwerkyConfig(teacher_config=tiny_config("qwen3").to_dict(), mixer="rwkv7", use_rope=True)

@@ -38,11 +38,13 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.",
 ARCH = "QwerkyForCausalLM"
 
 
-def _make_student(out: Path, mixer: str, family: str, keep: tuple[int, ...] = (), **overrides: Any) -> Path:
+def _make_student(out: Path, mixer: str, family: str, keep: tuple[int, ...] = (),
+                  options: dict[str, Any] | None = None, **overrides: Any) -> Path:
     """A tiny student of `family`, weights perturbed so tokens are not degenerate and every mixer part
     (token shift, bonus, value residual, gates) is away from its neutral start."""
     torch.manual_seed(1)
-    student = convert_teacher(tiny_teacher(family, **overrides), mixer=mixer, attention_layers=keep)
+    student = convert_teacher(tiny_teacher(family, **overrides), mixer=mixer, attention_layers=keep,
+                              mixer_options=options)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -156,6 +158,9 @@ OTHER_CASES = [
     ("arwkv7", "qwen2", {}),
     ("rwkv6", "mistral", {"tie_word_embeddings": False}),
     ("gated_deltanet", "qwen3", {}),
+    # the window student: softmax over 16 latest + 2 sink tokens (prompts and chunks run past both) + RWKV-7
+    ("window", "qwen2", {"options": {"window_size": 16, "num_sinks": 2}}),
+    ("window", "qwen3", {"options": {"window_size": 24, "num_sinks": 0, "branch_rope": True}}),
     # hybrids: teacher attention kept in one layer (vLLM's hybrid path: paged KV cache beside the states);
     # keeping layer 0 makes layer 1 RWKV-7's first layer (it sets v_first). Head size 32: vLLM's CPU
     # attention kernel has no head size 16

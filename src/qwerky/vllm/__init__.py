@@ -22,6 +22,7 @@ SUPPORTED_MIXERS = {
     "arwkv7": "qwerky.vllm.arwkv7:ARWKV7TimeMix",
     "rwkv6": "qwerky.vllm.rwkv6:RWKV6TimeMix",
     "gated_deltanet": "qwerky.vllm.gated_deltanet:GatedDeltaNetLayer",
+    "window": "qwerky.vllm.window:WindowTimeMix",
 }
 # what reads or writes the state runs in these custom ops (qwerky.vllm.layer): graph split points for
 # vLLM's compiler (like its own linear-attention ops), so the per-request Python in them is never captured

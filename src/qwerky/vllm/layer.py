@@ -178,9 +178,9 @@ class StateLayer(nn.Module, MambaBase):
         return cls.state_dtypes(vllm_config.model_config.hf_config, vllm_config)
 
     # ----- shared forward pieces -----
-    def rkv(self, positions: torch.Tensor, x_r: torch.Tensor, x_k: torch.Tensor | None = None,
-            x_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """r [N, H, D], k and v [N, H, D] (GQA heads repeated), after the teacher's q/k norms and RoPE."""
+    def project(self, x_r: torch.Tensor, x_k: torch.Tensor | None = None, x_v: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """r [N, H*D], k and v [N, Hk*D] (local heads), after the teacher's q/k norms; not rotated."""
         N, H, Hk, D = x_r.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.fused_rkv:
             rkv, _ = self.rkv_proj(x_r)
@@ -190,12 +190,27 @@ class StateLayer(nn.Module, MambaBase):
         if self.r_norm is not None:
             r = self.r_norm(r.reshape(N, H, D)).reshape(N, -1)
             k = self.k_norm(k.reshape(N, Hk, D)).reshape(N, -1)
-        if self.rotary_emb is not None:
-            r, k = self.rotary_emb(positions, r.contiguous(), k.contiguous())
-        n_rep = H // Hk
-        k = k.reshape(N, Hk, 1, D).expand(N, Hk, n_rep, D).reshape(N, H, D)
-        v = v.reshape(N, Hk, 1, D).expand(N, Hk, n_rep, D).reshape(N, H, D)
-        return r.reshape(N, H, D), k, v
+        return r, k, v
+
+    def rotate(self, positions: torch.Tensor, r: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's RoPE on r [N, H*D] and k [N, Hk*D] (unchanged when the mixer uses none); new tensors:
+        vLLM's CPU/CUDA rotary kernels rotate in place, and callers may still need the unrotated ones."""
+        if self.rotary_emb is None:
+            return r, k
+        return self.rotary_emb(positions, r.clone(memory_format=torch.contiguous_format),
+                               k.clone(memory_format=torch.contiguous_format))
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """[N, Hk*D] -> [N, H, D]: GQA key/value heads repeated to the query heads."""
+        N, H, Hk, D = t.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        return t.reshape(N, Hk, 1, D).expand(N, Hk, H // Hk, D).reshape(N, H, D)
+
+    def rkv(self, positions: torch.Tensor, x_r: torch.Tensor, x_k: torch.Tensor | None = None,
+            x_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """r [N, H, D], k and v [N, H, D] (GQA heads repeated), after the teacher's q/k norms and RoPE."""
+        r, k, v = self.project(x_r, x_k, x_v)
+        r, k = self.rotate(positions, r, k)
+        return r.reshape(r.shape[0], self.num_heads, self.head_dim), self.expand_kv(k), self.expand_kv(v)
 
     def token_shift(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C] -> the previous token's x per row (this layer's state tensor 1 carries it across steps)."""
