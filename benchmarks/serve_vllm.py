@@ -36,7 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_default_models(out: Path, max_len: int, mixer: str = "rwkv7") -> tuple[Path, Path]:
+def build_default_models(out: Path, max_len: int, mixer: str = "rwkv7", keep: tuple[int, ...] = ()
+                         ) -> tuple[Path, Path]:
     """The embedded teacher (4-layer Qwen2, assets/teacher) and its stage-0 student (weight transfer);
     the teacher's copy allows positions up to max_len (its RoPE extends; it was trained at 8192)."""
     import shutil
@@ -53,7 +54,7 @@ def build_default_models(out: Path, max_len: int, mixer: str = "rwkv7") -> tuple
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="float32")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(teacher_dir)
     student_dir = out / "student"
-    save_student(convert_teacher(teacher, mixer=mixer), tokenizer, student_dir)
+    save_student(convert_teacher(teacher, mixer=mixer, attention_layers=keep), tokenizer, student_dir)
     return student_dir, teacher_dir
 
 
@@ -74,8 +75,12 @@ def state_bytes(llm: Any) -> int:
 
 
 def kv_bytes_per_sequence(model_dir: Path, tokens: int, dtype_bytes: int) -> int:
-    """The teacher's KV cache for one sequence of `tokens` tokens."""
+    """The KV cache of one sequence of `tokens` tokens: every layer of the teacher, the kept attention layers
+    of a hybrid student (none of a fully converted one)."""
     cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") == "qwerky":
+        layers = len(cfg.get("attention_layers") or [])
+        cfg = {**cfg["teacher_config"], "num_hidden_layers": layers}
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--student", type=Path)
     ap.add_argument("--teacher", type=Path)
     ap.add_argument("--mixer", default="rwkv7", help="student mixer when the student is built here (no --student)")
+    ap.add_argument("--keep-attention", default="", help="layers the built student keeps as attention (e.g. 0)")
     ap.add_argument("--lengths", default="512,2048,8192", help="prompt lengths (comma-separated)")
     ap.add_argument("--streams", type=int, default=16, help="requests submitted together per length")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         student, teacher = args.student, args.teacher
         if student is None or teacher is None:
             max_len = max(int(x) for x in args.lengths.split(",")) + args.max_tokens
-            built_student, built_teacher = build_default_models(Path(tmp), max_len, args.mixer)
+            keep = tuple(int(i) for i in args.keep_attention.split(",") if i)
+            built_student, built_teacher = build_default_models(Path(tmp), max_len, args.mixer, keep)
             student, teacher = student or built_student, teacher or built_teacher
         results = {"student": run_model("student", student, args), "teacher": run_model("teacher", teacher, args)}
         rows = _rows(results, student, teacher, args)
@@ -199,7 +206,7 @@ def _rows(results: dict[str, list[dict[str, Any]]], student: Path, teacher: Path
     rows = []
     for s, t in zip(results["student"], results["teacher"]):
         L = s["length"]
-        s_bytes = s["state_bytes"]  # constant: the mixer's state spec
+        s_bytes = s["state_bytes"] + kv_bytes_per_sequence(student, L + args.max_tokens, dtype_bytes)
         t_bytes = kv_bytes_per_sequence(teacher, L + args.max_tokens, dtype_bytes)
         budget = args.cache_mb * 2**20
         ratio = (s["decode_tokens_per_s"] / t["decode_tokens_per_s"]

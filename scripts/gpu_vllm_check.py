@@ -3,8 +3,9 @@ with `pip install --no-deps -e .`, flash-linear-attention optional).
 
 1. the plugin tests (tests/vllm) on CUDA: registration, weights, state spec, greedy = HF generate() for
    prompts of different lengths together (fp32; fla kernels when installed), vllm serve + openai client;
-2. bf16 + CUDA graphs (no enforce_eager): greedy agreement with HF generate() in fp32, tokens matched
-   (bf16 may drift on a random model; reported, not asserted) and that the engine runs at all;
+2. bf16 + CUDA graphs (no enforce_eager), for every mixer the plugin serves: greedy agreement with HF
+   generate() in fp32, tokens matched (bf16 may drift on a random model; reported, not asserted), and that
+   the engine runs at all;
 3. benchmarks/serve_vllm.py at 512 / 2048 / 8192 (student vs teacher, same requests, bf16).
 
     python scripts/gpu_vllm_check.py --out results/            # everything lands in results/
@@ -27,9 +28,9 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[3])
 from qwerky.surgery import convert_teacher, load_student, save_student
 from qwerky_testing import build_tokenizer, tiny_teacher
-out = sys.argv[1]
+out, mixer = sys.argv[1], sys.argv[2]
 torch.manual_seed(1)
-s = convert_teacher(tiny_teacher("qwen3"), mixer="rwkv7")
+s = convert_teacher(tiny_teacher("qwen3", head_dim=64), mixer=mixer)
 with torch.no_grad():
     for p in s.parameters():
         p.add_(torch.randn_like(p) * 0.05)
@@ -68,11 +69,15 @@ def main() -> int:
     summary: dict[str, object] = {}
     summary["tests_rc"] = run([sys.executable, "-m", "pytest", "tests/vllm", "-q", "-p", "no:cacheprovider"],
                               args.out / "tests.log", env)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = args.out / "graphs_bf16.log"
-        summary["graphs_rc"] = run([sys.executable, "-c", GRAPH_CHECK, f"{tmp}/s", "", str(ROOT / "tests")], log, env)
-        lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
-        summary["graphs_bf16"] = json.loads(lines[-1][7:]) if lines else None
+    from qwerky.vllm import SUPPORTED_MIXERS
+
+    for mixer in SUPPORTED_MIXERS:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = args.out / f"graphs_bf16_{mixer}.log"
+            summary[f"graphs_{mixer}_rc"] = run([sys.executable, "-c", GRAPH_CHECK, f"{tmp}/s", mixer,
+                                                 str(ROOT / "tests")], log, env)
+            lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
+            summary[f"graphs_bf16_{mixer}"] = json.loads(lines[-1][7:]) if lines else None
     if not args.skip_bench:
         summary["bench_rc"] = run([sys.executable, "benchmarks/serve_vllm.py", "--lengths", "512,2048,8192",
                                    "--streams", "64", "--max-tokens", "128", "--dtype", "bfloat16",

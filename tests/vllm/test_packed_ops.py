@@ -134,6 +134,22 @@ def test_mixer_lookup_and_config() -> None:
     assert cfg.num_key_value_heads == 2 and cfg.head_dim == 16
 
 
+def test_hybrid_folders_are_routed_to_the_hybrid_class() -> None:
+    """A hybrid's config.json says QwerkyForCausalLM like any student: the config class vLLM loads sends it
+    to the hybrid architecture and tells vLLM which layers are attention (it sizes the KV cache from that)."""
+    from qwerky.vllm import ARCHITECTURES
+    from qwerky.vllm.config import HYBRID_ARCHITECTURE
+    from qwerky_testing import tiny_config
+
+    teacher = tiny_config("qwen2", num_hidden_layers=3).to_dict()
+    plain = VllmQwerkyConfig(teacher_config=teacher, mixer="rwkv7", architectures=["QwerkyForCausalLM"])
+    assert plain.architectures == ["QwerkyForCausalLM"] and getattr(plain, "layers_block_type", None) is None
+    hybrid = VllmQwerkyConfig(teacher_config=teacher, mixer="rwkv7", attention_layers=[1],
+                              architectures=["QwerkyForCausalLM"])
+    assert hybrid.architectures == [HYBRID_ARCHITECTURE] and HYBRID_ARCHITECTURE in ARCHITECTURES
+    assert hybrid.layers_block_type == ["linear_attention", "attention", "linear_attention"]
+
+
 def test_package_imports_without_vllm() -> None:
     import importlib.util
     import subprocess
