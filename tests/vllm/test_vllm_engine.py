@@ -192,6 +192,38 @@ def test_greedy_tokens_equal_hf_generate_other_mixers(mixer: str, family: str, o
         gc.collect()
 
 
+# tensor parallelism over 2 ranks (vLLM's CPU backend runs it: one worker process per rank, gloo): heads,
+# LoRA up-projections and states sharded; a single KV head replicated over both ranks (window's key offset
+# follows it); three linears with a token shift (arwkv7); a hybrid with a kept attention layer
+TP_CASES = [
+    ("window", "qwen3", {"num_key_value_heads": 1, "options": {"window_size": 16, "num_sinks": 2}}),
+    ("arwkv7", "qwen2", {}),
+    ("rwkv7", "llama", {"keep": (1,), "head_dim": 32}),
+]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism over 2 ranks needs 2 CPUs")
+@pytest.mark.parametrize(("mixer", "family", "overrides"), TP_CASES, ids=[f"{m}-{f}" for m, f, _ in TP_CASES])
+def test_tensor_parallel_2_equals_hf_generate(mixer: str, family: str, overrides: dict, tmp_path: Path) -> None:
+    """tensor_parallel_size=2: 32 greedy tokens per prompt (batched, chunked prefill) equal HF generate()."""
+    student_dir = _make_student(tmp_path / "student", mixer, family, **overrides)
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:2 * half]))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind}  # one core set per rank (vLLM's CPU backend)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    out = tmp_path / "tokens.json"
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("generate_worker.py")), str(student_dir), "2",
+                          str(out), *PROMPTS], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "world_size=2" in res.stdout + res.stderr  # really two ranks
+    model = load_student(student_dir)
+    for row in json.loads(out.read_text()):
+        ids = torch.tensor([row["prompt"]])
+        ref = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        assert row["tokens"] == ref.tolist(), f"prompt of {ids.shape[1]} tokens"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
