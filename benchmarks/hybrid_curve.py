@@ -1,5 +1,5 @@
 """The hybrid curve: KL / top-1 of trained students keeping K = 0, 1, 2 layers as the teacher's attention,
-the K chosen automatically (`--keep-attention auto:K`: the costliest to convert after stage 1) against K
+the K chosen automatically (`--keep-attention auto:K`: greedily on held-out KL after stage 1) against K
 chosen at random, beside the window baseline; memory per sequence measured after an 8k-token prefill.
 
     python benchmarks/hybrid_curve.py --out /tmp/hybrid                      # embedded teacher, default recipe

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mixer", help="student mixer (recipe student.mixer; `qwerky mixers` lists them)")
     c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
     c.add_argument("--keep-attention", metavar="auto:K",
-                   help="hybrid chosen after stage 1: keep the K layers costliest to convert (student.keep_attention)")
+                   help="hybrid chosen after stage 1: keep K layers as attention, picked greedily by held-out KL "
+                        "(student.keep_attention)")
     c.add_argument("--run-dir", help="checkpoints, logs and reports (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder / run")

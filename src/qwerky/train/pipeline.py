@@ -353,10 +353,11 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                                   "or more --data (and leave evaluation on)")
             hybrid = _choose_hybrid(teacher, student, windows, keep_k, recipe.train.seed)
             student = _rebuild_as_hybrid(student, teacher, recipe, hybrid["layers"])
-            log.info("hybrid: layers %s keep the teacher's attention (costs %s)", hybrid["layers"],
+            log.info("hybrid: layers %s keep the teacher's attention (greedy steps %s; one-at-a-time costs %s)",
+                     hybrid["layers"], [(g["added"], round(g["kl"], 4)) for g in hybrid["greedy"]],
                      [round(c, 4) for c in hybrid["costs"]])
-            print(f"qwerky: hybrid: keeping layers {hybrid['layers']} as attention (the {keep_k} costliest to "
-                  "convert after stage 1)", flush=True)
+            print(f"qwerky: hybrid: keeping layers {hybrid['layers']} as attention (chosen greedily on held-out "
+                  "KL after stage 1)", flush=True)
         model_state = _full_state_dict(student, info)
         if info.is_main:
             ckpt.save({"stage": stage + 1, "stage_state": None, "model": model_state, "summaries": summaries,
@@ -403,8 +404,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
 
 def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int
                    ) -> dict[str, Any]:
-    """Rank layers by what converting each alone costs (train/hybrid.py); the curve for every K."""
-    from qwerky.train.hybrid import MEMORY_AT, choose, curve, layer_costs
+    """Choose the kept layers greedily (train/hybrid.py); the one-at-a-time costs and the curve for every K."""
+    from qwerky.train.hybrid import MEMORY_AT, curve, greedy_choice, layer_costs
 
     student.eval()
     mixers = list(student.mixers)
@@ -413,8 +414,10 @@ def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor
     kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * next(teacher.parameters()).element_size()
     state = mixers[0].init_state(1, "cpu")
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed)
-    return {"keep": k, "layers": choose(costs, k), "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
+    greedy = greedy_choice(teacher, mixers, windows, k)
+    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed, greedy=greedy)
+    return {"keep": k, "layers": greedy[-1]["layers"] if greedy else [], "method": "greedy", "greedy": greedy,
+            "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
 
 
 def _rebuild_as_hybrid(old: Any, teacher: torch.nn.Module, recipe: Recipe, layers: list[int]) -> Any:
@@ -537,15 +540,24 @@ def render_report_md(report: dict[str, Any]) -> str:
         lines.append("")
     hy = report.get("hybrid")
     if hy:
-        lines += [f"## Hybrid: the {hy['keep']} layers costliest to convert keep attention ({hy['layers']})", "",
-                  "Cost of converting each layer alone after stage 1 (KL): "
+        lines += [f"## Hybrid: {hy['keep']} layers keep the teacher's attention ({hy['layers']})", ""]
+        for step in hy.get("greedy", []):
+            cands = ", ".join(f"{i}: {kl:.4f}" for i, kl in step["candidates"].items())
+            lines.append(f"- greedy step {len(step['layers'])}: keep layer {step['added']} (KL with each candidate "
+                         f"kept: {cands})")
+        lines += ["", "Cost of converting each layer alone after stage 1 (KL): "
                   + ", ".join(f"{i}: {c:.4f}" for i, c in enumerate(hy["costs"])), "",
-                  f"| kept | auto: layers | KL | top-1 | random: layers | KL | top-1 | memory / sequence at "
-                  f"{hy['memory_context']} |", "|---|---|---|---|---|---|---|---|"]
+                  f"| kept | auto (greedy): layers | KL | top-1 | one at a time: layers | KL | top-1 | "
+                  f"random: layers | KL | top-1 | memory / sequence at {hy['memory_context']} |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def cells(entry: dict[str, Any] | None) -> str:
+            return "- | - | -" if entry is None else f"{entry['layers']} | {entry['kl']:.4f} | {entry['top1']:.1%}"
+
         for row in hy["curve"]:
-            a, r = row["auto"], row["random"]
-            lines.append(f"| {row['keep']} | {a['layers']} | {a['kl']:.4f} | {a['top1']:.1%} | {r['layers']} | "
-                         f"{r['kl']:.4f} | {r['top1']:.1%} | {row['memory_bytes_at_8k'] / 2**20:.2f} MiB |")
+            ranked = row.get("ranked", row.get("auto"))  # reports written before the greedy choice
+            lines.append(f"| {row['keep']} | {cells(row.get('auto'))} | {cells(ranked)} | {cells(row['random'])} | "
+                         f"{row['memory_bytes_at_8k'] / 2**20:.2f} MiB |")
         lines += ["", "(after stage 1, every other layer converted; measured on the teacher with hooks)", ""]
     if g.get("stages"):
         lines += ["## Stage guard (each stage at its own training context: before -> after)", "",

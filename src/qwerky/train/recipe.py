@@ -24,7 +24,7 @@ class StudentSpec:
     mixer: str = "rwkv7"  # a registered student mixer (`qwerky mixers` lists them and their options)
     attention_layers: list[int] = field(default_factory=list)  # hybrid: layers keeping teacher attention
     mixer_options: dict[str, Any] = field(default_factory=dict)  # the mixer's own options (its Options dataclass)
-    keep_attention: str = ""  # "auto:K": after stage 1 keep as attention the K layers costliest to convert
+    keep_attention: str = ""  # "auto:K": after stage 1 keep K layers as attention, chosen greedily on held-out KL
 
     def convert_kwargs(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
