@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_TOKENS = ("stage1.tokens", "stage2.tokens", "stage3.tokens", "stage4.tokens")
 
 
 def llama_decode_rate(path: Path, prefill: int, steps: int, threads: int, vocab: int, seed: int = 0) -> float:
@@ -85,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     from qwerky.surgery.gguf_export import export_gguf
     from qwerky.teacher import load_teacher, load_tokenizer
     from qwerky.train import ConvertJob, load_recipe, run_conversion
+    from qwerky.train.recipe import scaled_token_overrides
 
     teacher_dir = args.teacher or TEACHER
     data, held = args.data or TRAIN_TEXT, args.heldout or HELDOUT_TEXT
     base = load_recipe(args.recipe, list(args.set))
     sets = list(args.set)
-    if args.scale != 1.0:
-        sets += [f"{key}={max(1, int(getattr(base, key.split('.')[0]).tokens * args.scale))}" for key in STAGE_TOKENS]
+    sets += scaled_token_overrides(base, args.scale)
     mixers = args.mixers.split(",")
     cache_dir = args.out / "token-cache"
     timings: dict[str, float] = {}

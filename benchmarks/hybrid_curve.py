@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_TOKENS = ("stage1.tokens", "stage2.tokens", "stage3.tokens", "stage4.tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     from qwerky.surgery import convert_teacher, load_student
     from qwerky.teacher import load_teacher, load_tokenizer
     from qwerky.train import ConvertJob, load_recipe, run_conversion
+    from qwerky.train.recipe import scaled_token_overrides
 
     teacher_dir = args.teacher or TEACHER
     data, held = args.data or TRAIN_TEXT, args.heldout or HELDOUT_TEXT
     base = load_recipe(args.recipe, [f"student.mixer={args.mixer}", *args.set])
     sets = [f"student.mixer={args.mixer}", *args.set]
-    if args.scale != 1.0:
-        sets += [f"{key}={max(1, int(getattr(base, key.split('.')[0]).tokens * args.scale))}" for key in STAGE_TOKENS]
+    sets += scaled_token_overrides(base, args.scale)
     teacher = load_teacher(teacher_dir)
     n_layers = teacher.config.num_hidden_layers
     rng = random.Random(args.seed)

@@ -103,3 +103,14 @@ def test_on_off_words_survive_yaml_booleans(raw: str, word: str, tmp_path: Path)
     f = tmp_path / "r.yaml"
     f.write_text(f"train:\n  activation_checkpointing: {raw}\n")
     assert load_recipe(str(f)).train.activation_checkpointing == word
+
+
+def test_scaled_token_overrides() -> None:
+    from qwerky.train.recipe import scaled_token_overrides
+
+    base = load_recipe("default")
+    assert scaled_token_overrides(base, 1.0) == []
+    scaled = load_recipe("default", scaled_token_overrides(base, 0.3))
+    for i in (1, 2, 3, 4):
+        assert scaled.stage(i).tokens == max(1, int(base.stage(i).tokens * 0.3))
+        assert scaled.stage(i).seq_len == base.stage(i).seq_len

@@ -206,6 +206,13 @@ def load_recipe(name_or_path: str = "default", overrides: list[str] | None = Non
     return recipe
 
 
+def scaled_token_overrides(recipe: Recipe, scale: float) -> list[str]:
+    """`--set` overrides that multiply every stage's token budget by `scale` (quick or partial-budget runs)."""
+    if scale == 1.0:
+        return []
+    return [f"stage{i}.tokens={max(1, int(recipe.stage(i).tokens * scale))}" for i in (1, 2, 3, 4)]
+
+
 def apply_override(recipe: Recipe, item: str) -> None:
     if "=" not in item:
         raise RecipeError(f"--set expects KEY=VALUE (e.g. stage2.tokens=200000), got {item!r}")
