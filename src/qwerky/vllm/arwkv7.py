@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded, replicated, state_dtype
+from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded, replicated
 from qwerky.vllm.ops import PackedBatch, rwkv7_packed
 
 LOG_DECAY_SCALE = 0.606531  # as qwerky.modeling.mixer_arwkv7 (llama.cpp's literal)
@@ -22,6 +22,7 @@ NUM_SHIFTS = 6  # r, w, k, v, a, g
 
 class ARWKV7TimeMix(StateLayer):
     fused_rkv = False
+    shifts_tokens = True
     teacher_extras = False
 
     def __init__(self, config, layer_idx: int, first_layer: bool, vllm_config, prefix: str) -> None:
@@ -40,14 +41,6 @@ class ARWKV7TimeMix(StateLayer):
         self.key_removal = head_sharded(local, self.dtype)
         self.key_iclr = head_sharded(local, self.dtype)
         self.bonus = head_sharded(self.num_heads, self.dtype, D)
-
-    @classmethod
-    def state_shapes(cls, config, tp: int) -> tuple[tuple[int, ...], ...]:
-        return ((config.num_heads // tp, config.head_dim, config.head_dim), (config.hidden_size,))
-
-    @classmethod
-    def state_dtypes(cls, config, vllm_config) -> tuple[torch.dtype, ...]:
-        return (state_dtype(vllm_config), vllm_config.model_config.dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, v_first: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,10 +28,6 @@ class GatedDeltaNetLayer(StateLayer):
         self.beta_proj = ColumnParallelLinear(C, H, bias=True, prefix=f"{prefix}.beta_proj")
         self.gate_lora = LowRankTP(C, config.gate_rank, H * self.head_dim, "sigmoid", f"{prefix}.gate_lora")
 
-    @classmethod
-    def state_shapes(cls, config, tp: int) -> tuple[tuple[int, ...], ...]:
-        return ((config.num_heads // tp, config.head_dim, config.head_dim),)
-
     def forward(self, positions: torch.Tensor, x: torch.Tensor, v_first: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         N, H, D = x.shape[0], self.num_heads, self.head_dim

@@ -12,7 +12,8 @@ for vLLM's compiler, so the per-request Python inside it is never captured in a 
 - `vllm::qwerky_token_shift(x, out, layer)` -> the previous token's input (RWKV token shift; the last
   input row per request is kept as the layer's second state tensor).
 
-A new mixer subclasses `StateLayer`: `state_shapes`, `forward(positions, x, v_first) -> (out, v_first)`
+A new mixer subclasses `StateLayer` (`state_shapes` when its state is not S [H, D, D] plus, with
+`shifts_tokens`, a token shift), `forward(positions, x, v_first) -> (out, v_first)`
 and `state_update`, in one module named in `qwerky.vllm.SUPPORTED_MIXERS`.
 """
 
@@ -88,6 +89,8 @@ class StateLayer(nn.Module, MambaBase):
     # fuse receptance/key/value into one QKVParallelLinear `rkv_proj` (same input for all three); mixers
     # with a token shift feed each its own shifted input, so they keep three linears
     fused_rkv: ClassVar[bool] = True
+    # RWKV's token shift: each token also sees the previous token's input, kept as state tensor 1
+    shifts_tokens: ClassVar[bool] = False
     # use the teacher's q/k/v/o biases and q/k norms (False: the mixer's graph has no place for them and
     # the exported tensors are skipped at load; see `unused_weights`)
     teacher_extras: ClassVar[bool] = True
@@ -151,13 +154,16 @@ class StateLayer(nn.Module, MambaBase):
     # ----- the state spec vLLM allocates from -----
     @classmethod
     def state_shapes(cls, config, tp: int) -> tuple[tuple[int, ...], ...]:
-        """The per-sequence state tensors of one layer on one tensor-parallel rank."""
-        raise NotImplementedError
+        """The per-sequence state tensors of one layer on one tensor-parallel rank: the matrix state S
+        [H, D, D] of the local heads, and the token shift's previous input [C] (whole row) if it shifts."""
+        shapes: tuple[tuple[int, ...], ...] = ((config.num_heads // tp, config.head_dim, config.head_dim),)
+        return shapes + ((config.hidden_size,),) if cls.shifts_tokens else shapes
 
     @classmethod
     def state_dtypes(cls, config, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
         """Recurrent states in fp32 (or --mamba-ssm-cache-dtype); a token-shift row in the model's dtype."""
-        return (state_dtype(vllm_config),)
+        dtypes: tuple[torch.dtype, ...] = (state_dtype(vllm_config),)
+        return dtypes + (vllm_config.model_config.dtype,) if cls.shifts_tokens else dtypes
 
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:

@@ -13,7 +13,7 @@ import torch
 from vllm.model_executor.layers.linear import ColumnParallelLinear
 
 from qwerky.modeling.ops_rwkv6 import rwkv6_attention
-from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded, replicated, state_dtype
+from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded, replicated
 from qwerky.vllm.ops import PackedBatch, run_packed
 
 MIN_LOG_DECAY = -5.0  # as qwerky.modeling.mixer_rwkv6
@@ -22,6 +22,7 @@ NUM_SHIFTS = 5  # r, k, v, w, g
 
 class RWKV6TimeMix(StateLayer):
     fused_rkv = False
+    shifts_tokens = True
 
     def __init__(self, config, layer_idx: int, first_layer: bool, vllm_config, prefix: str) -> None:
         super().__init__(config, layer_idx, first_layer, vllm_config, prefix)
@@ -32,14 +33,6 @@ class RWKV6TimeMix(StateLayer):
         self.decay_base = head_sharded(self.num_heads * self.head_dim, self.dtype)
         self.decay_lora = LowRankTP(C, config.decay_rank, HD, "tanh", f"{prefix}.decay_lora")
         self.gate = ColumnParallelLinear(C, HD, bias=False, prefix=f"{prefix}.gate")
-
-    @classmethod
-    def state_shapes(cls, config, tp: int) -> tuple[tuple[int, ...], ...]:
-        return ((config.num_heads // tp, config.head_dim, config.head_dim), (config.hidden_size,))
-
-    @classmethod
-    def state_dtypes(cls, config, vllm_config) -> tuple[torch.dtype, ...]:
-        return (state_dtype(vllm_config), vllm_config.model_config.dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, v_first: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

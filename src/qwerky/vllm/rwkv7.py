@@ -34,10 +34,6 @@ class RWKV7TimeMix(StateLayer):
             self.value_mix_lora = LowRankTP(C, config.value_rank, H, "none", f"{prefix}.value_mix_lora")
         self.gate_lora = LowRankTP(C, config.gate_rank, H, "sigmoid", f"{prefix}.gate_lora")
 
-    @classmethod
-    def state_shapes(cls, config, tp: int) -> tuple[tuple[int, ...], ...]:
-        return ((config.num_heads // tp, config.head_dim, config.head_dim),)
-
     def forward(self, positions: torch.Tensor, x: torch.Tensor, v_first: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, C] -> (output [N, C], v_first [N, H_local, D])."""
