@@ -124,3 +124,22 @@ def test_stage_past_the_teachers_context_is_warned_and_capped(teacher_dir: Path,
     stage4 = next(s for s in report["stages"] if s["stage"] == 4)
     assert stage4["seq_len"] == (64 if mode == "cap" else 128)
     assert "past the teacher's effective context" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_decide_keeps_a_worse_stage_1_but_undoes_later_stages_and_non_finite_results() -> None:
+    """Stage 1 is a warm start: a worse end-to-end KL after it is reported, not undone (undoing it was
+    measured to hurt the final model); stages 2-4 are undone; a non-finite stage 1 is undone too."""
+    from qwerky.train.guard import GuardTolerance, decide, judge
+
+    worse = judge({"kl": 2.0, "top1": 0.13}, {"kl": 3.0, "top1": 0.05}, GuardTolerance())
+    assert worse["regressed"]
+    undo, action = decide(1, worse, "best", can_undo=True)
+    assert not undo and "warm start" in action
+    assert decide(2, worse, "best", can_undo=True) == (True, "undone")
+    assert decide(2, worse, "last", can_undo=True)[0] is False
+    assert decide(3, worse, "best", can_undo=False)[0] is False  # resumed mid-way: nothing to go back to
+    broken = judge({"kl": 2.0, "top1": 0.13}, {"kl": float("nan"), "top1": 0.0}, GuardTolerance())
+    assert decide(1, broken, "best", can_undo=True) == (True, "undone")
+    assert judge({"kl": 2.0, "top1": 0.13}, {"kl": float("nan"), "top1": 0.13}, GuardTolerance())["regressed"]
+    better = judge({"kl": 2.0, "top1": 0.13}, {"kl": 1.0, "top1": 0.30}, GuardTolerance())
+    assert decide(1, better, "best", can_undo=True) == (False, "accepted")

@@ -26,7 +26,7 @@ from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unsh
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
-from .guard import GuardTolerance, describe, judge
+from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import parse_keep_attention
 from .loop import JsonlLog, run_stage
 from .parallel import (
@@ -332,16 +332,11 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                               else _quality(teacher, student, own_windows, info, baseline=False))
             verdict = judge(entry["before"]["student"], entry["after"]["student"], tolerance)
             verdict = from_rank0(verdict, info)
-            action = "accepted"
-            if verdict["regressed"]:
-                if recipe.train.keep == "last":
-                    action = "kept anyway (train.keep=last)"
-                elif snapshot is None:
-                    action = "kept: the stage was resumed mid-way, so the weights from before it are gone"
-                else:
-                    _restore(student, snapshot)
-                    kept = entry["starts_from"]
-                    action = f"undone: the weights from before it are kept (train.keep=best, {kept})"
+            undo, action = decide(stage, verdict, recipe.train.keep, snapshot is not None)
+            if undo:
+                _restore(student, snapshot)
+                kept = entry["starts_from"]
+                action = f"undone: the weights from before it are kept (train.keep=best, {kept})"
             entry.update(verdict, action=action, message=describe(stage, entry["seq_len"], verdict, action))
             (log.warning if verdict["regressed"] else log.info)("stage guard: %s", entry["message"])
             if verdict["regressed"] and info.is_main:
