@@ -3,11 +3,11 @@
 After stage 1 every mixer has learnt to imitate its own attention block. The choice is greedy on the
 quantity that matters, the KL(teacher || model) of the model with every other layer converted: first the
 one layer whose keeping lowers that KL most, then, with it kept, the next, and so on (K steps, L - s
-candidates at step s). Ranking layers one at a time instead (the cost of converting layer i alone) misses
-how layers interact: on the long-document teacher it kept layers 1 and 2 where keeping 0 and 3 was far
-better (docs/evaluation.md). That one-at-a-time cost is still measured and reported, and the curve K = 0,
-1, 2, ... compares the greedy choice, the one-at-a-time ranking and a random choice of the same K, priced
-in memory per sequence at 8k tokens.
+candidates at step s): it scores what is kept, not a proxy. Ranking layers one at a time (the cost of
+converting layer i alone) can miss how layers interact; measured so far the two agreed whenever stage 1
+had trained the mixers (docs/evaluation.md). That one-at-a-time cost is still measured and reported,
+and the curve K = 0, 1, 2, ... compares the greedy choice, the one-at-a-time ranking and a random choice
+of the same K, priced in memory per sequence at 8k tokens.
 
 All of it runs on the teacher with forward hooks (a mixer's output in place of its attention block's),
 so no model is rebuilt to score a choice.
