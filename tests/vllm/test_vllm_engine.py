@@ -275,3 +275,15 @@ def test_vllm_serve_with_openai_client(student_dir: Path, tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_hybrid_with_a_head_size_the_attention_backend_lacks_fails_clearly(tmp_path: Path) -> None:
+    """vLLM's CPU attention has no head size 16: the plugin says so at load, naming the sizes and the way
+    out, instead of vLLM failing inside its kernel at the first forward. (Last in the file: a failed
+    engine start may leave vLLM's process-wide state behind.)"""
+    from vllm import LLM
+
+    student_dir = _make_student(tmp_path / "student", "rwkv7", "qwen2", keep=(1,))  # head size 16
+    with pytest.raises(Exception, match="head size 16 is not one vLLM's") as err:
+        LLM(model=str(student_dir), **ENGINE_ARGS)
+    assert "qwerky serve" in str(err.value)

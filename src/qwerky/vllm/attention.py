@@ -42,6 +42,12 @@ class KeptAttention(nn.Module):
                                    rope_parameters=getattr(tc, "rope_parameters", None))
         self.attn = Attention(self.num_heads, D, config.attention_scaling, num_kv_heads=self.num_kv_heads,
                               cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn")
+        backend = getattr(self.attn, "attn_backend", None)
+        sizes = backend.get_supported_head_sizes() if hasattr(backend, "get_supported_head_sizes") else []
+        if sizes and D not in sizes:  # else vLLM fails in the first forward, deep in its kernel
+            raise ValueError(f"attention layer {layer_idx} (kept by the hybrid): head size {D} is not one vLLM's "
+                             f"{backend.get_name()} attention backend supports ({', '.join(map(str, sizes))}); "
+                             "serve this hybrid with `qwerky serve`, or convert without kept attention layers")
 
     @classmethod
     def stacked_params(cls) -> list[tuple[str, str, str]]:
