@@ -8,39 +8,31 @@ they are skipped at load. r/k/v stay three linears, each fed its own shifted inp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded, replicated
-from qwerky.vllm.ops import PackedBatch, rwkv7_packed
+from qwerky.vllm.layer import head_sharded, replicated
+from qwerky.vllm.rwkv7 import RWKV7TimeMix
 
 LOG_DECAY_SCALE = 0.606531  # as qwerky.modeling.mixer_arwkv7 (llama.cpp's literal)
 NUM_SHIFTS = 6  # r, w, k, v, a, g
 
 
-class ARWKV7TimeMix(StateLayer):
+class ARWKV7TimeMix(RWKV7TimeMix):
+    """RWKV-7's parameters (decay, in-context rate, value residual, gate) plus the token shift, the
+    removal-key and key-scaling vectors and the bonus."""
+
     fused_rkv = False
     shifts_tokens = True
     teacher_extras = False
 
     def __init__(self, config, layer_idx: int, first_layer: bool, vllm_config, prefix: str) -> None:
         super().__init__(config, layer_idx, first_layer, vllm_config, prefix)
-        C, HD, D = self.hidden_size, self.total_heads * self.head_dim, self.head_dim
-        local = self.num_heads * D
-        self.shift = replicated(NUM_SHIFTS, C, dtype=self.dtype)
-        self.decay_base = head_sharded(local, self.dtype)
-        self.decay_lora = LowRankTP(C, config.decay_rank, HD, "tanh", f"{prefix}.decay_lora")
-        self.iclr_base = head_sharded(local, self.dtype)
-        self.iclr_lora = LowRankTP(C, config.iclr_rank, HD, "none", f"{prefix}.iclr_lora")
-        if not first_layer:
-            self.value_mix_base = head_sharded(local, self.dtype)
-            self.value_mix_lora = LowRankTP(C, config.value_rank, HD, "none", f"{prefix}.value_mix_lora")
-        self.gate_lora = LowRankTP(C, config.gate_rank, HD, "sigmoid", f"{prefix}.gate_lora")
+        local = self.num_heads * self.head_dim
+        self.shift = replicated(NUM_SHIFTS, self.hidden_size, dtype=self.dtype)
         self.key_removal = head_sharded(local, self.dtype)
         self.key_iclr = head_sharded(local, self.dtype)
-        self.bonus = head_sharded(self.num_heads, self.dtype, D)
+        self.bonus = head_sharded(self.num_heads, self.dtype, self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, v_first: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +55,3 @@ class ARWKV7TimeMix(StateLayer):
         y = (y + bonus).reshape(N, H * D) * (1 + self.gate_lora(xg))
         out, _ = self.output(y)
         return out, v_first
-
-    def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
-        out[:batch.num_tokens] = rwkv7_packed(*inputs, self.kv_cache[0], batch, scale=self.head_dim**-0.5,
-                                              backend=self.backend)

@@ -234,19 +234,25 @@ class StateLayer(nn.Module, MambaBase):
         raise NotImplementedError
 
     def packed_batch(self) -> PackedBatch | None:
-        """This step's request layout from vLLM's metadata, or None in profiling / dummy runs."""
-        meta = get_forward_context().attn_metadata
+        """This step's request layout from vLLM's metadata, or None in profiling / dummy runs. Built once per
+        forward pass (kept in vLLM's per-step forward context) and shared by every layer and op."""
+        ctx = get_forward_context()
+        meta = ctx.attn_metadata
         if isinstance(meta, dict):
             meta = meta.get(self.prefix)
         if meta is None:
             return None
+        built: dict[int, PackedBatch] = ctx.__dict__.setdefault("_qwerky_batches", {})
+        if id(meta) in built:
+            return built[id(meta)]
         nd, npf = meta.num_decodes, meta.num_prefills
         qsl = meta.query_start_loc
         init = None
         if npf:
             q_lens = qsl[nd + 1:nd + npf + 1] - qsl[nd:nd + npf]
             init = (meta.seq_lens[nd:nd + npf] - q_lens) > 0  # a continued chunked prefill
-        return PackedBatch(nd, npf, qsl, meta.state_indices_tensor, init)
+        built[id(meta)] = batch = PackedBatch(nd, npf, qsl, meta.state_indices_tensor, init)
+        return batch
 
 
 def _state_update_op(inputs: list[torch.Tensor], out: torch.Tensor, layer_name: str) -> None:

@@ -10,6 +10,7 @@ place. Negative slot ids (padding rows of a CUDA-graph batch) are sent to slot 0
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,8 +36,9 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.query_start_loc[self.num_decodes + self.num_prefills])
 
+    @functools.cached_property
     def prefills(self) -> list[tuple[int, int, int, bool]]:
-        """(start, end, slot, continues) per prefill request."""
+        """(start, end, slot, continues) per prefill request (read to the host once per batch)."""
         nd, npf = self.num_decodes, self.num_prefills
         bounds = self.query_start_loc[nd:nd + npf + 1].tolist()
         slots = self.state_indices[nd:nd + npf].tolist()
@@ -55,7 +57,7 @@ def run_packed(step: Step, inputs: Sequence[torch.Tensor], states: Sequence[torc
         out[:nd] = o[:, 0]
         for s, f in zip(states, finals):
             s[idx] = f.to(s.dtype)
-    for start, end, slot, continues in batch.prefills():
+    for start, end, slot, continues in batch.prefills:
         if end <= start:
             continue
         slot = max(slot, 0)
@@ -76,7 +78,7 @@ def token_shift_packed(x: torch.Tensor, shift_state: torch.Tensor, batch: Packed
         idx = batch.state_indices[:nd].long().clamp(min=0)
         x_prev[:nd] = shift_state[idx].to(x.dtype)
         shift_state[idx] = x[:nd].to(shift_state.dtype)
-    for start, end, slot, continues in batch.prefills():
+    for start, end, slot, continues in batch.prefills:
         if end <= start:
             continue
         slot = max(slot, 0)

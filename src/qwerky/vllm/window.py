@@ -22,7 +22,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from qwerky.modeling.mixer_window import WindowOptions
 from qwerky.modeling.ops_window import empty_cache, window_attention
 from qwerky.vllm.layer import head_sharded, state_dtype
-from qwerky.vllm.ops import PackedBatch, rwkv7_packed
+from qwerky.vllm.ops import PackedBatch, run_packed, rwkv7_packed
 from qwerky.vllm.rwkv7 import LOG_DECAY_SCALE, RWKV7TimeMix
 
 CACHE_KEYS = ("k", "v", "kpos", "sk", "sv", "spos")  # state tensors 1.. in this order (sinks only when S > 0)
@@ -97,32 +97,20 @@ class WindowTimeMix(RWKV7TimeMix):
 
     def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
         q, k, v, pos = inputs[:4]
-        n = batch.num_tokens
-        out[:n, 1] = rwkv7_packed(*inputs[4:], self.kv_cache[0], batch, scale=self.head_dim**-0.5,
+        out[:batch.num_tokens, 1] = rwkv7_packed(*inputs[4:], self.kv_cache[0], batch, scale=self.head_dim**-0.5,
                                   backend=self.backend)
-        bufs = dict(zip(CACHE_KEYS, self.kv_cache[1:]))
-        nd = batch.num_decodes
-        if nd > 0:  # all decodes at once: their caches gathered, one query each
-            idx = batch.state_indices[:nd].long().clamp(min=0)
-            cache = {name: buf[idx].long() if name.endswith("pos") else buf[idx] for name, buf in bufs.items()}
-            out[:nd, 0] = self._attend(q[:nd, None], k[:nd, None], v[:nd, None], pos[:nd, None], cache)[:, 0]
-            for name, buf in bufs.items():
-                buf[idx] = cache[name].to(buf.dtype)
-        for start, end, slot, continues in batch.prefills():
-            if end <= start:
-                continue
-            slot = max(slot, 0)
-            if continues:
-                cache = {name: (buf[slot][None].long() if name.endswith("pos") else buf[slot][None])
-                         for name, buf in bufs.items()}
-            else:
-                cache = empty_cache(1, self.num_kv_heads, self.head_dim, self.window_size, self.num_sinks,
-                                    bufs["k"].dtype, bufs["k"].device)
-            out[start:end, 0] = self._attend(q[None, start:end], k[None, start:end], v[None, start:end],
-                                             pos[None, start:end], cache)[0]
-            for name, buf in bufs.items():
-                buf[slot] = cache[name][0].to(buf.dtype)
+        buffers = self.kv_cache[1:]
+        names = CACHE_KEYS[:len(buffers)]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                cache: dict[str, torch.Tensor]) -> torch.Tensor:
-        return window_attention(q, k, v, pos.long(), self.scaling, self.window_size, self.num_sinks, cache=cache)
+        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+            if s0 is None:  # a new request: empty window and sinks
+                cache = empty_cache(xs[0].shape[0], self.num_kv_heads, self.head_dim, self.window_size,
+                                    self.num_sinks, buffers[0].dtype, buffers[0].device)
+            else:  # qwerky's layout: positions as int64
+                cache = {name: t.long() if name.endswith("pos") else t for name, t in zip(names, s0)}
+            o = window_attention(xs[0], xs[1], xs[2], xs[3].long(), self.scaling, self.window_size, self.num_sinks,
+                                 cache=cache)
+            return o, [cache[name] for name in names]
+
+        run_packed(step, (q, k, v, pos), buffers, batch, out[:, 0])
+
