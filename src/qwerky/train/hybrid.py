@@ -91,21 +91,34 @@ def _reference(teacher: nn.Module, windows: torch.Tensor, batch_size: int) -> li
     return out
 
 
-def layer_costs(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, batch_size: int = 4
-                ) -> list[float]:
+class HybridScorer:
+    """score(keep) = (KL, top-1) of the teacher with every layer not in `keep` replaced by its mixer (in eval
+    mode), on held-out windows, against the teacher's own logits computed once for all the scores."""
+
+    def __init__(self, teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor,
+                 batch_size: int = 4) -> None:
+        self.teacher, self.mixers, self.batch_size = teacher, list(mixers), batch_size
+        self.windows = windows.to(next(teacher.parameters()).device)
+        self.reference = _reference(teacher, self.windows, batch_size)
+
+    def __call__(self, keep: set[int]) -> tuple[float, float]:
+        was = [m.training for m in self.mixers]
+        for m in self.mixers:
+            m.eval()
+        try:
+            with converted(self.teacher, {i: m for i, m in enumerate(self.mixers) if i not in keep}):
+                return _kl_top1(self.teacher, self.windows, self.reference, self.batch_size)
+        finally:
+            for m, w in zip(self.mixers, was):
+                m.train(w)
+
+
+def layer_costs(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, batch_size: int = 4,
+                scorer: HybridScorer | None = None) -> list[float]:
     """KL of the teacher with only layer i converted, for every layer i (mixers[i] is layer i's)."""
-    was = [m.training for m in mixers]
-    for m in mixers:
-        m.eval()
-    windows = windows.to(next(teacher.parameters()).device)
-    reference = _reference(teacher, windows, batch_size)
-    costs = []
-    for i, mixer in enumerate(mixers):
-        with converted(teacher, {i: mixer}):
-            costs.append(_kl_top1(teacher, windows, reference, batch_size)[0])
-    for m, w in zip(mixers, was):
-        m.train(w)
-    return costs
+    scorer = scorer or HybridScorer(teacher, mixers, windows, batch_size)
+    every = set(range(len(mixers)))
+    return [scorer(every - {i})[0] for i in range(len(mixers))]
 
 
 def choose(costs: Sequence[float], k: int) -> list[int]:
@@ -128,41 +141,26 @@ def greedy_search(n: int, k: int, score: Callable[[set[int]], tuple[float, float
 
 
 def greedy_choice(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, k: int,
-                  batch_size: int = 4) -> list[dict[str, Any]]:
+                  batch_size: int = 4, scorer: HybridScorer | None = None) -> list[dict[str, Any]]:
     """`greedy_search` scored on the teacher: KL / top-1 with every layer not kept replaced by its mixer."""
-    was = [m.training for m in mixers]
-    for m in mixers:
-        m.eval()
-    windows = windows.to(next(teacher.parameters()).device)
-    reference = _reference(teacher, windows, batch_size)
-
-    def score(keep: set[int]) -> tuple[float, float]:
-        with converted(teacher, {i: m for i, m in enumerate(mixers) if i not in keep}):
-            return _kl_top1(teacher, windows, reference, batch_size)
-
-    steps = greedy_search(len(mixers), k, score)
-    for m, w in zip(mixers, was):
-        m.train(w)
-    return steps
+    return greedy_search(len(mixers), k, scorer or HybridScorer(teacher, mixers, windows, batch_size))
 
 
 def curve(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor, costs: Sequence[float],
           bytes_per_token_per_layer: float, state_bytes_per_layer: float, seed: int = 0, batch_size: int = 4,
-          greedy: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+          greedy: Sequence[dict[str, Any]] = (), scorer: HybridScorer | None = None) -> list[dict[str, Any]]:
     """KL / top-1 for K = 0..L-1 kept layers: the one-at-a-time ranking ("ranked"), K random layers
     ("random") and, for the K the greedy search reached, its choice ("auto"; K = 0 is the all-converted
     model); memory per sequence at MEMORY_AT tokens (kept layers: KV cache; converted ones: their state)."""
     n = len(mixers)
-    windows = windows.to(next(teacher.parameters()).device)
-    reference = _reference(teacher, windows, batch_size)
+    scorer = scorer or HybridScorer(teacher, mixers, windows, batch_size)
     rng = random.Random(seed)
     rows = []
     for k in range(n):
         row: dict[str, Any] = {"keep": k, "memory_bytes_at_8k": k * bytes_per_token_per_layer * MEMORY_AT
                                + (n - k) * state_bytes_per_layer}
         for name, kept in (("ranked", choose(costs, k)), ("random", sorted(rng.sample(range(n), k)))):
-            with converted(teacher, {i: m for i, m in enumerate(mixers) if i not in kept}):
-                kl, top1 = _kl_top1(teacher, windows, reference, batch_size)
+            kl, top1 = scorer(set(kept))
             row[name] = {"layers": kept, "kl": kl, "top1": top1}
         if k == 0:
             row["auto"] = dict(row["ranked"])

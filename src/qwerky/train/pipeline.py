@@ -400,17 +400,19 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
 def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int
                    ) -> dict[str, Any]:
     """Choose the kept layers greedily (train/hybrid.py); the one-at-a-time costs and the curve for every K."""
-    from qwerky.train.hybrid import MEMORY_AT, curve, greedy_choice, layer_costs
+    from qwerky.train.hybrid import MEMORY_AT, HybridScorer, curve, greedy_choice, layer_costs
 
     student.eval()
     mixers = list(student.mixers)
-    costs = layer_costs(teacher, mixers, windows)
+    scorer = HybridScorer(teacher, mixers, windows)  # the teacher's reference logits once, for every score
+    costs = layer_costs(teacher, mixers, windows, scorer=scorer)
     cfg = student.config
     kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * next(teacher.parameters()).element_size()
     state = mixers[0].init_state(1, "cpu")
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    greedy = greedy_choice(teacher, mixers, windows, k)
-    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed, greedy=greedy)
+    greedy = greedy_choice(teacher, mixers, windows, k, scorer=scorer)
+    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed, greedy=greedy,
+                 scorer=scorer)
     return {"keep": k, "layers": greedy[-1]["layers"] if greedy else [], "method": "greedy", "greedy": greedy,
             "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
 
