@@ -134,7 +134,8 @@ class ARWKV7Mixer(Mixer):
         if layer_state is not None:
             layer_state["S"] = s
         y = (y + bonus).reshape(B, T, H * D) * (1 + self.gate_lora(xg))
-        return F.linear(y, self.output.weight), None
+        out = self.output  # llama.cpp's graph has no output bias: a teacher's o_proj bias is dropped
+        return (out(y) if out.bias is None else F.linear(y, out.weight)), None
 
 
 from .modeling_qwerky import QwerkyForCausalLM  # noqa: E402,F401  (exported folders' entry point: mixer_base)

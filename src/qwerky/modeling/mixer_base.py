@@ -155,6 +155,7 @@ class Mixer(nn.Module):
     uses_rope: ClassVar[bool] = True  # whether the mixer applies the teacher's RoPE to r/k
     state_pad_values: ClassVar[dict[str, int]] = {}  # fill of growing state tensors when rows are stacked
     description: ClassVar[str] = ""  # one line for `qwerky mixers`
+    fits_output_scale: ClassVar[bool] = True  # stage 0 may scale o_proj per head to the teacher's output size
 
     def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool,
                  options: MixerOptions) -> None:

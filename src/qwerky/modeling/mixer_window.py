@@ -63,6 +63,7 @@ class WindowMixer(RWKV7Mixer):
     Options = WindowOptions
     state_pad_values: ClassVar[dict[str, int]] = CACHE_PAD_VALUES
     description = "exact softmax over the last 64 tokens + 4 sinks, plus an RWKV-7 state for all older tokens"
+    fits_output_scale = False  # it starts exactly at the window baseline: nothing to rescale
 
     def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool,
                  options: WindowOptions) -> None:

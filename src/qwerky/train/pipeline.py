@@ -49,6 +49,7 @@ from .stages import (
     merge_lora,
     trainable_parameters,
 )
+from .warm_start import fit_output_scales
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         # (too little text for a sample is left to the batch loader, which names the problem)
         if row_len >= 2 and (n := calibrate_mixers(student, sample)):
             log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
+    if cache is not None and resume is None and recipe.student.fit_output_scale:
+        _fit_output_scales(student, teacher, cache, recipe.stage(min(training, default=1)).seq_len, logger)
     summaries: list[dict[str, Any]] = resume["summaries"] if resume else []
     done = {s["stage"] for s in summaries}
     lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
@@ -476,6 +479,27 @@ def _stage_windows(heldout: Any, seq_len: int, recipe: Recipe, common: torch.Ten
     if seq_len == common.shape[1] or len(heldout) <= seq_len:
         return common
     return heldout_windows(heldout, seq_len, recipe.data.eval_windows)
+
+
+def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache: Any, seq_len: int,
+                       logger: JsonlLog, rows: int = 8) -> None:
+    """Stage 0's per-head output scales (train/warm_start.py) on the first rows of the training text, the same
+    rows on every rank; logged with each layer's relative error to its attention before and after."""
+    row_len = min(seq_len, len(cache.train) // rows)
+    if row_len < 2:
+        return
+    sample = torch.from_numpy(np.asarray(cache.train[: rows * row_len]).astype(np.int64)).view(rows, row_len)
+    t0 = time.perf_counter()
+    report = fit_output_scales(student, teacher, sample)
+    if not report:
+        return
+    before = [r["rel_error_before"] for r in report.values()]
+    after = [r["rel_error_after"] for r in report.values()]
+    log.info("stage 0: per-head output scales fitted to the teacher's attention on %d x %d tokens in %.0f s: "
+             "relative error per layer %.2f-%.2f before, %.2f-%.2f after", rows, row_len,
+             time.perf_counter() - t0, min(before), max(before), min(after), max(after))
+    logger.write({"stage": 0, "step": 0, "event": "output_scale", "tokens": rows * row_len,
+                  "rel_error_before": [round(v, 4) for v in before], "rel_error_after": [round(v, 4) for v in after]})
 
 
 def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo,

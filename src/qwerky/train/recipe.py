@@ -25,6 +25,7 @@ class StudentSpec:
     attention_layers: list[int] = field(default_factory=list)  # hybrid: layers keeping teacher attention
     mixer_options: dict[str, Any] = field(default_factory=dict)  # the mixer's own options (its Options dataclass)
     keep_attention: str = ""  # "auto:K": after stage 1 keep K layers as attention, chosen greedily on held-out KL
+    fit_output_scale: bool = True  # stage 0: scale each converted head's output to its attention's (warm_start.py)
 
     def convert_kwargs(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
