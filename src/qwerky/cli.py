@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="teacher folder + text -> converted student folder and report")
-    c.add_argument("--teacher", required=True, help="Hugging Face causal LM folder (with tokenizer)")
+    c.add_argument("--teacher", required=True, help="Hugging Face causal LM folder (with tokenizer), or a .gguf file")
     c.add_argument("--out", required=True, help="output folder for the converted model")
     c.add_argument("--data", nargs="*", default=[], help=".txt/.jsonl/.jsonl.gz/.parquet files or saved datasets")
     c.add_argument("--heldout", nargs="*", default=[], help="held-out text for evaluation (default: a split of --data)")

@@ -186,7 +186,8 @@ def _size(n: float) -> str:
 
 
 def add_sweep_arguments(p: Any) -> None:
-    p.add_argument("--teacher", type=Path, help="teacher folder (default: the embedded teacher and its text)")
+    p.add_argument("--teacher", type=Path,
+                   help="teacher folder or .gguf file (default: the embedded teacher and its text)")
     p.add_argument("--data", nargs="*", default=[], help="training text (default with the embedded teacher: its own)")
     p.add_argument("--heldout", nargs="*", default=[], help="held-out text (default: a split of --data)")
     p.add_argument("--out", type=Path, default=Path("qwerky-sweep"), help="folder for the students and the table")

@@ -1,4 +1,5 @@
-"""Loading a teacher folder: fail fast, with one clear line, before any weights are read."""
+"""Loading a teacher folder (or GGUF file, see teacher_gguf): fail fast, with one clear line, before any weights
+are read."""
 
 from __future__ import annotations
 
@@ -13,8 +14,23 @@ class QwerkyError(Exception):
     """A user-facing problem: the CLI prints its message on one line and exits non-zero."""
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A teacher given as one GGUF file rather than a folder (teacher_gguf loads it)."""
+    from qwerky.teacher_gguf import looks_like_gguf
+
+    return looks_like_gguf(path)
+
+
 def check_model_dir(path: str | Path, what: str = "teacher") -> Path:
+    """A HF model folder with a readable config.json; for a teacher or model, a loadable GGUF file also passes."""
     p = Path(path)
+    if what != "student" and is_gguf(p):
+        from qwerky.teacher_gguf import check_gguf_file
+
+        return check_gguf_file(p, what)
+    if p.is_file() and what != "student":
+        raise QwerkyError(f"{what} {p} is a file, not a model folder (pass a Hugging Face model folder containing "
+                          "config.json, or a .gguf file)")
     if not p.exists():
         raise QwerkyError(f"{what} folder not found: {p} (pass a Hugging Face model folder containing config.json)")
     if not (p / "config.json").is_file():
@@ -51,11 +67,16 @@ def load_config(path: str | Path) -> Any:
     if p.is_file() and p.suffix == ".json":
         data = json.loads(p.read_text())
         return AutoConfig.for_model(**data)
+    if is_gguf(p):
+        from qwerky.teacher_gguf import gguf_config
+
+        return gguf_config(p)  # metadata only: no weight is dequantised
     return AutoConfig.from_pretrained(str(check_model_dir(p)))
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
-    """Validate the folder and the architecture (on meta, no weights read), then load the teacher, frozen."""
+    """Validate the folder (or GGUF file) and the architecture (on meta, no weights read), then load the teacher,
+    frozen. A GGUF teacher is dequantised into a plain dense model of `dtype`."""
     from transformers import AutoModelForCausalLM
 
     from qwerky.surgery.families import inspect_teacher
@@ -67,14 +88,24 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     inspect_teacher(teacher_skeleton(config))
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+    if is_gguf(p):
+        from qwerky.teacher_gguf import load_gguf_model
+
+        model = load_gguf_model(p, dtype=dtype, config=config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer files, or the tokenizer and chat template stored in a GGUF file."""
     from transformers import AutoTokenizer
 
+    if is_gguf(path):
+        from qwerky.teacher_gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is reported the same way
@@ -85,6 +116,8 @@ def load_tokenizer(path: str | Path) -> Any:
 def load_any_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
     """A qwerky folder with qwerky's own classes, any other HF causal LM with transformers."""
     p = check_model_dir(path, "model")
+    if is_gguf(p):
+        return load_teacher(p, device=device, dtype=dtype)
     cfg = json.loads((p / "config.json").read_text())
     if cfg.get("model_type") == "qwerky":
         from qwerky.surgery.export import load_student

@@ -72,7 +72,7 @@ def _write_json(path: str | Path, data: Any) -> None:
 # -- qwerky eval ---------------------------------------------------------------------------------------
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", help="converted (qwerky) folder or any HF causal LM folder")
-    p.add_argument("--teacher", required=True, help="teacher HF folder (its tokenizer reads --data)")
+    p.add_argument("--teacher", required=True, help="teacher HF folder or .gguf file (its tokenizer reads --data)")
     p.add_argument("--data", required=True, nargs="+", help="held-out documents: txt / jsonl(.gz) / parquet / dir")
     p.add_argument("--seq-len", type=int, default=512, help="window length for ppl / KL / agreement")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
@@ -141,7 +141,8 @@ def add_longctx_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     from .longctx import TASKS
 
     p.add_argument("model", help="converted (qwerky) folder or any HF causal LM folder")
-    p.add_argument("--teacher", default=None, help="teacher HF folder: runs the teacher and the window baseline too")
+    p.add_argument("--teacher", default=None,
+                   help="teacher HF folder or .gguf file: runs the teacher and the window baseline too")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--lengths", type=_int_list, default=[256, 1024, 4096], help="prompt lengths in model tokens")
     p.add_argument("--depths", type=int, default=11, help="number of evenly spaced needle depths 0..100%%")

@@ -53,6 +53,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         from qwerky.surgery import load_student
 
         return load_student(path, device=device, dtype=torch_dtype)
+    from qwerky.teacher import is_gguf
+
+    if is_gguf(path):  # dequantised into a plain HF model (fp32 for 'auto')
+        from qwerky.teacher_gguf import load_gguf_model
+
+        return load_gguf_model(path, dtype=torch_dtype).to(device)
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -65,6 +71,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    from qwerky.teacher import is_gguf
+
+    if is_gguf(path):
+        from qwerky.teacher_gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
