@@ -78,14 +78,15 @@ def test_distillation_learns_and_the_guard_stays_quiet(text_file: Path, tmp_path
     frozen student fails this. Nothing regresses, so the guard accepts every stage.
 
     The embedded teacher (trained, 4 layers): a random tiny teacher's near-uniform predictions are matched
-    at stage 0 already. Measured: KL 1.90 -> 0.25, agreement 11% -> 55% in 12k tokens (~15 s)."""
+    at stage 0 already. Measured: KL 0.45 -> 0.25, agreement 48% -> 57% in 12k tokens (~15 s); stage 0
+    starts lower since its per-head output scales are fitted (train/warm_start.py; before: 1.90 / 11%)."""
     from qwerky.demo import TEACHER
 
     report = _convert(TEACHER, text_file, tmp_path / "s", "--stages", "1,2",
                       "--set", "stage1.tokens=4096", "--set", "stage2.tokens=8192")
     q0, q2 = report["quality_by_stage"]["stage0"]["student"], report["quality_by_stage"]["stage2"]["student"]
-    assert q2["kl"] < 0.5 * q0["kl"], (q0, q2)
-    assert q2["top1"] > q0["top1"] + 0.2, (q0, q2)
+    assert q2["kl"] < 0.7 * q0["kl"], (q0, q2)
+    assert q2["top1"] > q0["top1"] + 0.05, (q0, q2)
     assert all(not e["regressed"] and e["action"] == "accepted" for e in report["guard"]["stages"].values())
     assert report["guard"]["kept"] == "stage2"
 

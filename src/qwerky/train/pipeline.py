@@ -26,9 +26,10 @@ from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unsh
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
 from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
+from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import parse_keep_attention
-from .loop import JsonlLog, run_stage
+from .loop import JsonlLog, choose_threads, run_stage
 from .parallel import (
     DistInfo,
     barrier,
@@ -45,7 +46,7 @@ from .stages import (
     STAGE_NAMES,
     TeacherTaps,
     add_mlp_lora,
-    make_loss_fn,
+    make_step_fn,
     merge_lora,
     trainable_parameters,
 )
@@ -154,8 +155,10 @@ def run_conversion(job: ConvertJob) -> dict[str, Any]:
 
 def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     t_start = time.perf_counter()
-    if recipe.train.threads > 0:
-        torch.set_num_threads(recipe.train.threads)
+    threads, why = choose_threads(recipe.train.threads)
+    log.info("CPU threads: %d (%s)", threads, why)
+    if info.is_main:
+        print(f"qwerky: {threads} CPU thread{'s' if threads > 1 else ''}: {why}", flush=True)
     torch.manual_seed(recipe.train.seed)
     assert job.run_dir is not None
     run_dir = job.run_dir
@@ -211,7 +214,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         if row_len >= 2 and (n := calibrate_mixers(student, sample)):
             log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
     if cache is not None and resume is None and recipe.student.fit_output_scale:
-        _fit_output_scales(student, teacher, cache, recipe.stage(min(training, default=1)).seq_len, logger)
+        _fit_output_scales(student, teacher, cache, recipe.stage(min(training, default=1)).seq_len)
     summaries: list[dict[str, Any]] = resume["summaries"] if resume else []
     done = {s["stage"] for s in summaries}
     lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
@@ -285,9 +288,9 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         batches = PackedBatches(cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
                                 rank=info.rank, world_size=info.world_size, recall=recall)
         params = trainable_parameters(stage, student, spec)
-        # Stage 1 feeds every layer the teacher's stream, so only the mixers' own activations are saved
-        # and checkpointing would buy nothing. Under FSDP2 it would also break: the loss reads each mixer's
-        # output, not its layer's, so the layer's unit is never unsharded before its recomputation.
+        # Stage 1 bounds its memory per mixer (stages.Stage1), never per layer: under FSDP2 the loss reads
+        # each mixer's output, not its layer's, so the layer's unit would never be unsharded before its
+        # recomputation.
         if use_ac and stage > 1:
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif use_ac:
@@ -316,9 +319,15 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
             barrier(info)
 
         try:
-            summary = run_stage(stage, spec, params, make_loss_fn(stage, spec, student, teacher, taps), batches, info,
-                                logger, save, recipe.train.checkpoint_every, autocast, stage_resume,
-                                STAGE_NAMES[stage])
+            recompute = ac != "off"
+            step_fn = make_step_fn(stage, spec, student, teacher, taps, autocast, recompute=recompute)
+            flops = FlopModel.from_models(teacher, student).step_flops(
+                stage, spec.seq_len, spec.loss, lora=lora_rank > 0, recompute_layers=use_ac and stage > 1,
+                recompute_head=not info.enabled or fsdp_recomputes_chunked_head(),
+                recompute_mixers=info.enabled and recompute, stage1_student_forward=info.enabled)
+            summary = run_stage(stage, spec, params, step_fn, batches, info, logger, save,
+                                recipe.train.checkpoint_every, stage_resume, STAGE_NAMES[stage],
+                                flops_per_token=flops["total"])
         finally:
             if taps is not None:
                 taps.remove()
@@ -482,9 +491,9 @@ def _stage_windows(heldout: Any, seq_len: int, recipe: Recipe, common: torch.Ten
 
 
 def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache: Any, seq_len: int,
-                       logger: JsonlLog, rows: int = 8) -> None:
+                       rows: int = 8) -> None:
     """Stage 0's per-head output scales (train/warm_start.py) on the first rows of the training text, the same
-    rows on every rank; logged with each layer's relative error to its attention before and after."""
+    rows on every rank; the log names the layers' relative error to their attention before and after."""
     row_len = min(seq_len, len(cache.train) // rows)
     if row_len < 2:
         return
@@ -498,8 +507,6 @@ def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache
     log.info("stage 0: per-head output scales fitted to the teacher's attention on %d x %d tokens in %.0f s: "
              "relative error per layer %.2f-%.2f before, %.2f-%.2f after", rows, row_len,
              time.perf_counter() - t0, min(before), max(before), min(after), max(after))
-    logger.write({"stage": 0, "step": 0, "event": "output_scale", "tokens": rows * row_len,
-                  "rel_error_before": [round(v, 4) for v in before], "rel_error_after": [round(v, 4) for v in after]})
 
 
 def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo,
