@@ -40,3 +40,27 @@ def test_chunked_ce_matches_full() -> None:
 def test_alignment_loss_scaling() -> None:
     a, b = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
     assert torch.isclose(alignment_loss(a, b), torch.tensor(2.0 * 4**-0.5))  # |1|_2 over 4 dims = 2
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_chunked_kl_gradient_in_forward(train_head: bool) -> None:
+    """`head_params`: the gradient computed chunk by chunk in the forward pass equals plain autograd's, for the
+    hidden states and (when the head trains) the head's weight, tied or not."""
+    torch.manual_seed(0)
+    head_s, head_t = torch.nn.Linear(16, 50, bias=False), torch.nn.Linear(16, 50, bias=False)
+    head_s.requires_grad_(train_head)
+    hs = torch.randn(3, 37, 16, requires_grad=True)
+    ht = torch.randn(3, 37, 16)
+    params = [p for p in head_s.parameters() if p.requires_grad]
+    loss = chunked_kl(hs * 1.5, ht, head_s, head_t, chunk=8, head_params=params)
+    loss.backward()
+    got = [hs.grad.clone()] + [p.grad.clone() for p in params]
+    hs.grad = None
+    for p in params:
+        p.grad = None
+    ref = chunked_kl(hs * 1.5, ht, head_s, head_t, chunk=37, recompute=False)
+    ref.backward()
+    want = [hs.grad] + [p.grad for p in params]
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)

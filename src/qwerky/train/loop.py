@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,44 +92,112 @@ class JsonlLog:
             self.tb.add_scalar(f"stage{record['stage']}/lr", record["lr"], record["tokens"])
 
 
+def choose_threads(requested: int = 0) -> tuple[int, str]:
+    """Set torch's CPU thread count for this run; returns it and why it was chosen (logged at run start).
+
+    `requested` > 0 (train.threads) is used as given; OMP_NUM_THREADS in the environment is left to torch.
+    Otherwise: one thread per core the machine has free, judged by the 1-minute load average before the run
+    starts, and at least one. On a busy machine fewer threads are faster, not just fairer: every parallel
+    op ends in a barrier, and when another process holds one of the cores the op waits for a whole
+    scheduler slice. Measured on a shared 2-core CPU (load ~6): the chunked RWKV-7 forward+backward took
+    0.18-0.29 s with 1 thread and 1.1-14 s with 2; a big matmul gained nothing from the second thread."""
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return torch.get_num_threads(), f"train.threads={requested} in the recipe"
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env:
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={env} in the environment"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    default = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return default, f"torch's default ({default}, one per core); the load average is unknown here"
+    free = max(1, min(default, int(cores - load + 0.5)))
+    if free < default:
+        torch.set_num_threads(free)
+        return free, (f"{free} of {cores} cores: the machine is busy (load average {load:.1f} before the run); "
+                      "threads waiting on a core another process holds stall every op (set train.threads to "
+                      "override)")
+    return default, f"torch's default, one per core ({default}); the machine is idle (load average {load:.1f})"
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: /proc/self/clear_refs), so the next
+    `peak_rss_bytes` is the peak since now. False where that is not possible (then: since process start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(field: str = "VmHWM") -> int:
+    """Peak resident memory of this process (since the last `peak_rss_reset`, or since it started);
+    `field="VmRSS"`: the resident memory now."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def run_stage(
-    stage: int, spec: StageSpec, params: list[nn.Parameter], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    stage: int, spec: StageSpec, params: list[nn.Parameter], step_fn: Callable[[torch.Tensor, float], torch.Tensor],
     batches: PackedBatches, info: DistInfo, log: JsonlLog, save_checkpoint: Callable[[dict[str, Any]], None],
-    checkpoint_every: int, autocast: contextlib.AbstractContextManager | None = None,
-    resume: dict[str, Any] | None = None, description: str = "",
+    checkpoint_every: int, resume: dict[str, Any] | None = None, description: str = "",
+    flops_per_token: float = 0.0,
 ) -> dict[str, Any]:
-    """Train one stage to its token budget; returns a summary (steps, tokens, wall time, final loss)."""
+    """Train one stage to its token budget; returns a summary (steps, tokens, wall and CPU time, tokens/s,
+    achieved FLOP/s, peak memory, final loss).
+
+    `step_fn(ids, weight)` runs forward and backward of one micro-batch's loss times weight (stages.make_step_fn).
+    `flops_per_token` (train/flops.py, what a step executes per training token) turns tokens/s into achieved
+    FLOP/s; every log line carries both, cumulative over the stage."""
     total_steps = max(1, math.ceil(spec.tokens / batches.tokens_per_batch))
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=(spec.beta1, spec.beta2),
                                   eps=spec.eps, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
-    step, elapsed, last_loss = 0, 0.0, float("nan")
+    step, elapsed, cpu, last_loss = 0, 0.0, 0.0, float("nan")
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         batches.load_state_dict(resume["batches"])
         set_rng_state(resume["rng"])
         step, elapsed, last_loss = resume["step"], resume["elapsed"], resume.get("loss", float("nan"))
+        cpu = resume.get("cpu", 0.0)
         log.truncate_after(stage, step)
 
     def payload() -> dict[str, Any]:
-        return {"step": step, "elapsed": elapsed, "loss": last_loss, "optimizer": optimizer.state_dict(),
+        return {"step": step, "elapsed": elapsed, "cpu": cpu, "loss": last_loss, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "rng": rng_state()}
 
     local_b = batches.local_batch_size
     micro = spec.micro_batch_size or local_b
+    threads = torch.get_num_threads()
     it = iter(batches)
     bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, unit="step",
                desc=f"stage {stage} {description}".strip(), dynamic_ncols=True)
-    t0 = time.perf_counter() - elapsed
+    peak_rss_reset()
+    rss_start = peak_rss_bytes("VmRSS")
+    t0, c0 = time.perf_counter() - elapsed, time.process_time() - cpu
+    first = True
     while step < total_steps:
+        t_step = time.perf_counter()
         batch = next(it).to(info.device)
         loss_sum = torch.zeros((), device=info.device)
         for piece in batch.split(micro):
-            with autocast or contextlib.nullcontext():
-                loss = loss_fn(piece) * (piece.shape[0] / local_b)
-            loss.backward()
-            loss_sum += loss.detach().float()
+            loss_sum += step_fn(piece, piece.shape[0] / local_b).float()
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
         optimizer.step()
@@ -136,15 +205,29 @@ def run_stage(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         last_loss = float(all_reduce_mean(loss_sum, info))
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed, cpu = now - t0, time.process_time() - c0
         tokens = step * batches.tokens_per_batch
         tok_s = tokens / max(elapsed, 1e-9)
-        log.write({"stage": stage, "step": step, "tokens": tokens, "loss": last_loss,
-                   "lr": scheduler.get_last_lr()[0], "time": round(elapsed, 3), "tok_s": round(tok_s, 1)})
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        record = {"stage": stage, "step": step, "tokens": tokens, "loss": last_loss,
+                  "lr": scheduler.get_last_lr()[0], "time": round(elapsed, 3), "tok_s": round(tok_s, 1),
+                  "step_s": round(now - t_step, 3), "cpu_s": round(cpu, 2)}
+        if flops_per_token:
+            record["gflop_s"] = round(tok_s * flops_per_token / 1e9, 2)
+        if first:
+            record.update(threads=threads, flops_per_token=round(flops_per_token))
+            first = False
+        log.write(record)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                        **({"GFLOP_s": f"{record['gflop_s']:.1f}"} if flops_per_token else {}))
         bar.update(1)
         if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
             save_checkpoint(payload())
     bar.close()
-    return {"stage": stage, "steps": step, "tokens": step * batches.tokens_per_batch, "wall_s": round(elapsed, 2),
-            "final_loss": last_loss, "tokens_per_s": round(step * batches.tokens_per_batch / max(elapsed, 1e-9), 1)}
+    tokens = step * batches.tokens_per_batch
+    tok_s = tokens / max(elapsed, 1e-9)
+    return {"stage": stage, "steps": step, "tokens": tokens, "wall_s": round(elapsed, 2),
+            "final_loss": last_loss, "tokens_per_s": round(tok_s, 1), "cpu_s": round(cpu, 2), "threads": threads,
+            "flops_per_token": round(flops_per_token), "gflop_s": round(tok_s * flops_per_token / 1e9, 2),
+            "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), "rss_start_gib": round(rss_start / 2**30, 2),
+            "micro_batch_size": micro}

@@ -22,6 +22,7 @@ import torch
 
 from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache, heldout_windows
 from qwerky.data.sources import resolve_sources
+from qwerky.plan import stage_needs_checkpointing
 from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
 
@@ -272,6 +273,7 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
     if guard_on:
         teacher_context = from_rank0(_measure_teacher_context(teacher, cache, recipe, training), info)
 
+    checkpointed = None  # the base model whose layers are checkpointed now
     for stage in training:
         if stage in done:
             continue
@@ -291,9 +293,14 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         # Stage 1 bounds its memory per mixer (stages.Stage1), never per layer: under FSDP2 the loss reads
         # each mixer's output, not its layer's, so the layer's unit would never be unsharded before its
         # recomputation.
-        if use_ac and stage > 1:
+        stage_ac = use_ac and stage > 1
+        if ac == "auto" and stage > 1 and info.device.type == "cpu":
+            stage_ac, why = stage_needs_checkpointing(student.config, stage, spec)
+            log.info("stage %d: activation checkpointing %s (auto: %s)", stage, "on" if stage_ac else "off", why)
+        if stage_ac:
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif use_ac:
+            checkpointed = student.model
+        elif checkpointed is student.model:
             student.model.gradient_checkpointing_disable()
         student.train()
         taps = TeacherTaps(teacher) if stage == 1 else None
@@ -321,10 +328,12 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
         try:
             recompute = ac != "off"
             step_fn = make_step_fn(stage, spec, student, teacher, taps, autocast, recompute=recompute)
+            head_recomputed = (spec.loss == "ce" or info.enabled) and (
+                not info.enabled or fsdp_recomputes_chunked_head())
             flops = FlopModel.from_models(teacher, student).step_flops(
-                stage, spec.seq_len, spec.loss, lora=lora_rank > 0, recompute_layers=use_ac and stage > 1,
-                recompute_head=not info.enabled or fsdp_recomputes_chunked_head(),
-                recompute_mixers=info.enabled and recompute, stage1_student_forward=info.enabled)
+                stage, spec.seq_len, spec.loss, lora=lora_rank > 0, recompute_layers=stage_ac,
+                recompute_head=head_recomputed, recompute_mixers=info.enabled and recompute,
+                stage1_student_forward=info.enabled)
             summary = run_stage(stage, spec, params, step_fn, batches, info, logger, save,
                                 recipe.train.checkpoint_every, stage_resume, STAGE_NAMES[stage],
                                 flops_per_token=flops["total"])
