@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .quality import DEFAULT_POSITION_TOKENS
+
 __all__ = ["add_eval_arguments", "eval_main", "add_longctx_arguments", "longctx_main", "add_compare_arguments",
            "compare_main", "add_report_arguments", "report_main"]
 
@@ -22,6 +24,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="for HF models that need it")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the window baseline (teacher limited to 64 tokens + 4 sinks, built automatically)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: one per core the machine has free, as `qwerky convert` picks them; "
+                        "on a busy CPU fewer threads are faster)")
 
 
 def _device(name: str | None) -> str:
@@ -39,6 +44,17 @@ def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: b
     from .models import load_model, load_tokenizer
 
     device = _device(args.device)
+    if device == "cpu":
+        import torch
+
+        if getattr(args, "threads", 0) > 0:
+            torch.set_num_threads(args.threads)
+            threads, why = torch.get_num_threads(), "--threads"
+        else:
+            from qwerky.train.loop import choose_threads
+
+            threads, why = choose_threads(0)
+        print(f"threads: {threads} ({why.replace('train.threads', '--threads')})", file=sys.stderr)
     model = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     teacher = None
     if args.teacher:
@@ -57,9 +73,9 @@ def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: b
                 raise
     baseline = None
     if teacher is not None and not args.no_baseline:
-        from qwerky.surgery import convert_teacher
+        from .models import window_baseline
 
-        baseline = convert_teacher(teacher, mixer="window").eval()
+        baseline = window_baseline(teacher)
     return model, teacher, baseline, tokenizer
 
 
@@ -77,7 +93,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="window length for ppl / KL / agreement")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--max-windows", type=int, default=64, help="windows spread evenly over the token stream")
-    p.add_argument("--position-max", type=int, default=4096, help="loss by position out to this many tokens")
+    p.add_argument("--position-max", type=int, default=4096,
+                   help="loss by position out to this many tokens (0 skips loss by position)")
+    p.add_argument("--position-tokens", type=_budget, default=DEFAULT_POSITION_TOKENS,
+                   help="loss by position reads documents (longest first) until every position bucket has this "
+                        "many tokens, or none is left that adds to one ('all': every document; default "
+                        "%(default)s)")
     p.add_argument("--segment", type=int, default=512, help="tokens per forward when carrying the state")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", required=True, help="write the results here")
@@ -86,14 +107,28 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _teacher_context(position: dict[str, Any]) -> dict[str, Any] | None:
-    """The teacher's effective context from its own loss by position (eval/teacher_context)."""
-    from .teacher_context import describe, effective_from_buckets
-
-    teacher = position.get("models", {}).get("teacher")
-    if not teacher:
+def _budget(text: str) -> int | None:
+    if text.strip().lower() in ("all", "none", "0"):
         return None
-    result = effective_from_buckets(position["buckets"], teacher["loss"])
+    try:
+        value = int(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a token count like 8192 or 'all', got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive token count, got {text!r}")
+    return value
+
+
+def _teacher_context(position: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The teacher's effective context from its own loss by position (eval/teacher_context); thin
+    buckets give status "not_enough_data" instead of a number."""
+    from .teacher_context import describe, effective_from_position
+
+    if not position:
+        return None
+    result = effective_from_position(position, "teacher")
+    if result is None:
+        return None
     return result | {"message": describe(result)}
 
 
@@ -104,7 +139,8 @@ def eval_main(args: argparse.Namespace) -> int:
         model, teacher, baseline, tokenizer = _load_all(args, need_teacher=True, teacher_tokenizer=True)
         result = evaluate_quality(model, teacher, tokenizer, args.data, seq_len=args.seq_len, max_docs=args.max_docs,
                                   max_windows=args.max_windows, position_max=args.position_max,
-                                  segment=args.segment, batch_size=args.batch_size, baseline=baseline)
+                                  segment=args.segment, batch_size=args.batch_size, baseline=baseline,
+                                  position_tokens=args.position_tokens)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"qwerky eval: error: {e}", file=sys.stderr)
         return 2
@@ -114,10 +150,11 @@ def eval_main(args: argparse.Namespace) -> int:
     _write_json(args.json, result)
     print(format_quality_table(result["quality"]))
     print(f"({result['quality']['windows']} windows x {result['quality']['seq_len']} tokens)\n")
-    print(format_position_table(result["position"]))
+    if result["position"]:
+        print(format_position_table(result["position"]))
     if result["teacher_context"]:
         print(f"teacher context: {result['teacher_context']['message']}\n")
-    if args.plot:
+    if args.plot and result["position"]:
         from .plots import plot_loss_by_position
 
         plot_loss_by_position(result["position"], args.plot, train_len=args.seq_len)

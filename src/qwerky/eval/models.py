@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,53 @@ def head_logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torc
     return finalize_logits(config, head(hidden).float())
 
 
-def chunk_len(batch: int, vocab: int, budget_elems: int = 1 << 26, minimum: int = 1) -> int:
-    """Sequence chunk so that one [batch, chunk, vocab] fp32 tensor stays under `budget_elems` (256 MiB)."""
+def window_baseline(teacher: nn.Module) -> nn.Module:
+    """The training-free window baseline: the teacher restricted to a 64-token window + 4 sinks
+    (`convert_teacher(teacher, mixer="window")`, eval mode).
+
+    Its RWKV-7 branches start gated by exactly zero, so they add nothing to the output; they are not run
+    (`skip_zero_branches`), which made the baseline's forward ~2x faster on CPU (docs/evaluation.md).
+    Meant for evaluation only: a model whose branch gates are later trained must not use it.
+    """
+    from qwerky.surgery import convert_teacher
+
+    model = convert_teacher(teacher, mixer="window").eval()
+    skip_zero_branches(model)
+    return model
+
+
+def skip_zero_branches(model: nn.Module) -> int:
+    """In every window mixer whose `branch_gate` is all zero, replace the RWKV-7 branch by zeros of its
+    shape: `y + 0 * branch` is `y` whatever the branch holds. Returns how many mixers were changed."""
+    changed = 0
+    for mixer in getattr(model, "mixers", []):
+        gate = getattr(mixer, "branch_gate", None)
+        if gate is None or not callable(getattr(mixer, "_recurrent", None)) or bool(gate.detach().any()):
+            continue
+        heads, dim = mixer.num_heads, mixer.head_dim
+
+        def zero_branch(x: torch.Tensor, *args: Any, _h: int = heads, _d: int = dim, **kwargs: Any) -> torch.Tensor:
+            return x.new_zeros(x.shape[0], x.shape[1], _h, _d)
+
+        mixer._recurrent = zero_branch
+        changed += 1
+    return changed
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar on stderr for a long evaluation phase (off when `enabled` is false and on distributed
+    ranks other than 0); redrawn at most every 15 s when stderr is not a terminal (logs stay short)."""
+    from tqdm import tqdm
+
+    if enabled and torch.distributed.is_available() and torch.distributed.is_initialized():
+        enabled = torch.distributed.get_rank() == 0
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                unit_scale=unit == "tok", mininterval=0.5 if tty else 15.0, leave=True)
+
+
+def chunk_len(batch: int, vocab: int, budget_elems: int = 1 << 25, minimum: int = 1) -> int:
+    """Sequence chunk so that one [batch, chunk, vocab] fp32 tensor stays under `budget_elems` (128 MiB)."""
     return max(minimum, budget_elems // max(1, batch * vocab))
 
 

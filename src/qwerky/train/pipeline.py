@@ -462,7 +462,9 @@ def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recip
     teacher.eval()
     result = teacher_effective_context(teacher, windows)
     result["message"] = describe(result)
-    log.info("teacher context: %s", result["message"])
+    # too little long held-out text to tell (eval/teacher_context): no stage is checked against it; say so
+    log.log(logging.WARNING if result.get("status") == "not_enough_data" else logging.INFO,
+            "teacher context: %s", result["message"])
     return result
 
 
@@ -520,11 +522,12 @@ def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache
 
 def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.Tensor, info: DistInfo,
              baseline: bool = True) -> dict[str, Any]:
+    from qwerky.eval.models import window_baseline
     from qwerky.eval.quality import compare_models
 
     was_training = student.training
     student.eval()
-    baseline = convert_teacher(teacher, mixer="window") if baseline and not info.enabled else None
+    baseline = window_baseline(teacher) if baseline and not info.enabled else None  # its zero-gated branch not run
     with torch.no_grad():
         result = compare_models(teacher, student, windows.to(info.device), baseline=baseline)
     if info.enabled:
