@@ -98,3 +98,18 @@ def test_cli_works_without_serving_extras(teacher_dir: Path, tmp_path: Path) -> 
     assert "qwerky serve needs the Python package 'fastapi'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "s" / "config.json").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "{missing}", "--teacher", "{teacher}", "--data", "{teacher}/config.json", "--json", "{tmp}/e.json"],
+    ["eval", "{teacher}", "--teacher", "{missing}", "--data", "{teacher}/config.json", "--json", "{tmp}/e.json"],
+    ["longctx", "{missing}", "--teacher", "{teacher}", "--task", "passkey", "--json", "{tmp}/l.json"],
+    ["serve", "{missing}"],
+    ["generate", "{missing}", "--prompt", "hi"],
+    ["export", "{missing}", "--format", "gguf", "--out", "{tmp}/x.gguf"],
+])
+def test_a_missing_model_path_is_named_by_every_command(args: list[str], teacher_dir: Path, tmp_path: Path) -> None:
+    """Not a hub error ('Repo id must be in the form ...'): the path is local and it does not exist."""
+    filled = [a.format(missing=tmp_path / "no-such-dir", teacher=teacher_dir, tmp=tmp_path) for a in args]
+    line = _error(filled)
+    assert "not found" in line and "no-such-dir" in line, line

@@ -41,8 +41,13 @@ def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: b
     The tokenizer is the teacher's when `teacher_tokenizer` (eval data), else the model's own (long-context
     prompts are sized in the model's tokens), falling back to the other folder when one has none.
     """
+    from qwerky.teacher import check_model_dir, is_gguf
+
     from .models import load_model, load_tokenizer
 
+    for path, what in ((args.model, "model"), (args.teacher, "teacher")):
+        if path and not is_gguf(path):
+            check_model_dir(path, what)  # before anything is printed: a wrong path is the one line shown
     device = _device(args.device)
     if device == "cpu":
         import torch

@@ -46,10 +46,19 @@ def is_qwerky_dir(path: str | Path) -> bool:
         return False
 
 
+def _check_local(path: str | Path) -> None:
+    """A model is a local folder or GGUF file: a missing one is named, not sent to the hub as a repo id."""
+    from qwerky.teacher import check_model_dir, is_gguf
+
+    if not is_gguf(path):
+        check_model_dir(path, "model")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                trust_remote_code: bool = False) -> nn.Module:
     """A qwerky folder through `load_student` (our own classes), anything else through AutoModelForCausalLM."""
     torch_dtype = parse_dtype(dtype)
+    _check_local(path)
     if is_qwerky_dir(path):
         from qwerky.surgery import load_student
 
@@ -74,6 +83,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
 
     from qwerky.teacher import is_gguf
 
+    _check_local(path)
     if is_gguf(path):
         from qwerky.teacher_gguf import gguf_tokenizer
 

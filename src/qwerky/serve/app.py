@@ -457,8 +457,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "auto") -> tu
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    from qwerky.teacher import check_model_dir
+
+    path = check_model_dir(path, "model")  # a missing folder is one line, not a hub error
+    config = json.loads((path / "config.json").read_text())
     torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     if torch_dtype is None:
