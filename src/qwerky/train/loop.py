@@ -125,6 +125,20 @@ def choose_threads(requested: int = 0) -> tuple[int, str]:
     return default, f"torch's default, one per core ({default}); the machine is idle (load average {load:.1f})"
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`). Without it the memory an earlier
+    phase freed (the stage-0 fit, the previous stage's activations and optimiser) stays resident, and the
+    next stage's peak RSS adds its own on top: SmolLM2-135M stage 2 started at 3.8 GiB resident with 1.2
+    GiB of live weights."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def peak_rss_reset() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux: /proc/self/clear_refs), so the next
     `peak_rss_bytes` is the peak since now. False where that is not possible (then: since process start)."""
@@ -188,6 +202,7 @@ def run_stage(
     it = iter(batches)
     bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, unit="step",
                desc=f"stage {stage} {description}".strip(), dynamic_ncols=True)
+    release_free_memory()
     peak_rss_reset()
     rss_start = peak_rss_bytes("VmRSS")
     t0, c0 = time.perf_counter() - elapsed, time.process_time() - cpu

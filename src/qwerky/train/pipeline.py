@@ -611,11 +611,12 @@ def render_report_md(report: dict[str, Any]) -> str:
                          f"{a['top1']:.1%} | {verdict} |")
         lines.append("")
     if report.get("stages"):
-        lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | final loss |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in report["stages"]:
+        lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | GFLOP/s | peak RSS GiB | "
+                  "final loss |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in report["stages"]:  # GFLOP/s: train/flops.py; reports written before it have none
             lines.append(f"| {s['stage']} | {s['name']} | {s['tokens']:,} | {s['seq_len']} | {s['wall_s']} | "
-                         f"{s['tokens_per_s']:,.0f} | {s['final_loss']:.4f} |")
+                         f"{s['tokens_per_s']:,.0f} | {s.get('gflop_s', '-')} | {s.get('peak_rss_gib', '-')} | "
+                         f"{s['final_loss']:.4f} |")
         lines.append("")
     return "\n".join(lines)
 
