@@ -24,6 +24,7 @@ import torch
 
 import qwerky.modeling as modeling_pkg
 from qwerky.modeling.mixer_base import get_mixer
+from qwerky.teacher import QwerkyError
 
 
 def auto_map(mixer: str) -> dict[str, str]:
@@ -67,6 +68,10 @@ def atomic_replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class NonFiniteWeights(QwerkyError):
+    """A student whose weights hold NaN or inf: refused at export."""
+
+
 def save_student(student: Any, tokenizer: Any, out_dir: str | Path, extra_files: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None) -> Path:
     """Write the student (and tokenizer) as a trust_remote_code HF folder, atomically."""
@@ -77,6 +82,10 @@ def save_student(student: Any, tokenizer: Any, out_dir: str | Path, extra_files:
         student.config.auto_map = auto_map(student.config.mixer)
         state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                  for k, v in student.state_dict().items()}
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # whatever the run's flags said (--no-eval, keep=last): a NaN/inf model is never written
+            raise NonFiniteWeights(f"not exporting {out}: {len(bad)} of {len(state)} tensors hold NaN/inf "
+                                   f"(first: {', '.join(bad[:3])}); training diverged: lower the learning rate")
         student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for f in modeling_files(student.config.mixer):
             shutil.copy2(f, tmp / f.name)

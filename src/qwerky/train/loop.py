@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qwerky.data import PackedBatches
+from qwerky.teacher import QwerkyError
 
 from .parallel import DistInfo, all_reduce_mean
 from .recipe import StageSpec
@@ -53,6 +54,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 class JsonlLog:
     """Append-only JSONL step log (rank 0), optionally mirrored to tensorboard."""
 
@@ -85,9 +96,9 @@ class JsonlLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None and "loss" in record:
+        with open(self.path, "a") as f:  # strict JSON: a NaN/inf number is written as null
+            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        if self.tb is not None and record.get("loss") is not None:
             self.tb.add_scalar(f"stage{record['stage']}/loss", record["loss"], record["tokens"])
             self.tb.add_scalar(f"stage{record['stage']}/lr", record["lr"], record["tokens"])
 
@@ -166,6 +177,13 @@ def peak_rss_bytes(field: str = "VmHWM") -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+MAX_NONFINITE_RUN = 8  # this many non-finite steps in a row (or any at the stage's end) stop it with an error
+
+
+class NonFiniteTraining(QwerkyError):
+    """Training diverged: a run of steps whose loss or gradient was NaN/inf (none of them was applied)."""
+
+
 def run_stage(
     stage: int, spec: StageSpec, params: list[nn.Parameter], step_fn: Callable[[torch.Tensor, float], torch.Tensor],
     batches: PackedBatches, info: DistInfo, log: JsonlLog, save_checkpoint: Callable[[dict[str, Any]], None],
@@ -207,28 +225,45 @@ def run_stage(
     rss_start = peak_rss_bytes("VmRSS")
     t0, c0 = time.perf_counter() - elapsed, time.process_time() - cpu
     first = True
+    nonfinite_steps = nonfinite_run = 0
     while step < total_steps:
         t_step = time.perf_counter()
         batch = next(it).to(info.device)
         loss_sum = torch.zeros((), device=info.device)
         for piece in batch.split(micro):
             loss_sum += step_fn(piece, piece.shape[0] / local_b).float()
-        if spec.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip if spec.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(all_reduce_mean(torch.isfinite(loss_sum + grad_norm).float(), info) == 1.0)  # every rank
+        if finite:
+            optimizer.step()
+            nonfinite_run = 0
+        else:  # a NaN/inf loss or gradient never reaches the weights: the step is skipped, counted and logged
+            nonfinite_steps += 1
+            nonfinite_run += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         last_loss = float(all_reduce_mean(loss_sum, info))
+        if nonfinite_run >= MAX_NONFINITE_RUN or (nonfinite_run and step == total_steps):
+            bar.close()
+            raise NonFiniteTraining(
+                f"stage {stage}: the loss or its gradient was NaN/inf on {nonfinite_run} steps in a row (step "
+                f"{step}; {nonfinite_steps} skipped in this stage); stopped before anything non-finite was saved. "
+                f"Lower stage{stage}.lr (now {spec.lr:g}) or set stage{stage}.grad_clip, then rerun (--resume "
+                "continues from the last checkpoint when the recipe is unchanged)")
         now = time.perf_counter()
         elapsed, cpu = now - t0, time.process_time() - c0
         tokens = step * batches.tokens_per_batch
         tok_s = tokens / max(elapsed, 1e-9)
-        record = {"stage": stage, "step": step, "tokens": tokens, "loss": last_loss,
+        record = {"stage": stage, "step": step, "tokens": tokens, "loss": last_loss if finite else None,
                   "lr": scheduler.get_last_lr()[0], "time": round(elapsed, 3), "tok_s": round(tok_s, 1),
                   "step_s": round(now - t_step, 3), "cpu_s": round(cpu, 2)}
         if flops_per_token:
             record["gflop_s"] = round(tok_s * flops_per_token / 1e9, 2)
+        if not finite:
+            record.update(skipped="non-finite loss or gradient", nonfinite_steps=nonfinite_steps)
         if first:
             record.update(threads=threads, flops_per_token=round(flops_per_token))
             first = False
@@ -245,4 +280,4 @@ def run_stage(
             "final_loss": last_loss, "tokens_per_s": round(tok_s, 1), "cpu_s": round(cpu, 2), "threads": threads,
             "flops_per_token": round(flops_per_token), "gflop_s": round(tok_s * flops_per_token / 1e9, 2),
             "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2), "rss_start_gib": round(rss_start / 2**30, 2),
-            "micro_batch_size": micro}
+            "micro_batch_size": micro, "nonfinite_steps": nonfinite_steps}
