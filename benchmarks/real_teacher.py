@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             quality[str(length)][name] = q["student"]
             quality[str(length)]["teacher"] = q["teacher"]
     memory = state_bytes(models, teacher, 2048)
-    print("chat prompts: greedy tokens against the teacher's", flush=True)
-    chat = chat_agreement(teacher, models, tokenizer)
+    chat: dict[str, Any] = {}
+    if getattr(tokenizer, "chat_template", None):
+        print("chat prompts: greedy tokens against the teacher's", flush=True)
+        chat = chat_agreement(teacher, models, tokenizer)
     passkey: dict[str, Any] = {}
     if args.passkey:
         lengths = [int(x) for x in args.passkey.split(",")]
@@ -219,15 +221,16 @@ def render(result: dict[str, Any]) -> str:
             cells += [f"{q['kl']:.3f}", f"{100 * q['top1']:.1f}%", f"{q['ppl_ratio']:.3f}"]
         mem = result["bytes_per_sequence_2048"].get(name)
         cells.append(f"{mem / 2**10:,.0f} KiB" if mem is not None else "-")
-        cells.append(f"{100 * result['chat'][name]['share']:.1f}%")
+        cells.append(f"{100 * result['chat'][name]['share']:.1f}%" if name in result["chat"] else "no chat template")
         pk = result["passkey"].get(name) or {}
         cells.append(" / ".join(f"{v:.0f}%" if v is not None else "-" for v in pk) if pk else "-")
         lines.append("| " + " | ".join(cells) + " |")
     teacher_ppl = {n: result["quality"][n]["teacher"]["ppl"] for n in lengths}
     lines.append("")
     lines.append("teacher perplexity: " + ", ".join(f"{v:.2f} @{n}" for n, v in teacher_ppl.items()))
-    lines.append("'What is the capital of France?': " + "; ".join(
-        f"{n}: {json.dumps(result['chat'][n]['answer'][:80])}" for n in names))
+    if result["chat"]:
+        lines.append("'What is the capital of France?': " + "; ".join(
+            f"{n}: {json.dumps(result['chat'][n]['answer'][:80])}" for n in names))
     lines.append(f"wall time {result['wall_s'] / 60:.1f} min, {result['threads']} threads")
     return "\n".join(lines)
 

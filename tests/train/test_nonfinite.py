@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from qwerky_testing import tiny_teacher
 from train_fixtures import TINY
 
 from qwerky.cli import main
 from qwerky.surgery import convert_teacher, save_student
 from qwerky.surgery.export import NonFiniteWeights
 from qwerky.train.loop import JsonlLog
+from qwerky_testing import tiny_teacher
 
 
 def _strict(line: str) -> dict:
