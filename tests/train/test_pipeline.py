@@ -178,3 +178,29 @@ def test_forced_fsdp_on_one_process_matches_plain_run(teacher_dir: Path, text_fi
     assert parallel == {"fsdp2": True, "world_size": 1, "forced": True, "device": "cpu"}
     assert json.loads((tmp_path / "one" / "report.json").read_text())["parallel"]["fsdp2"] is False
     _assert_same_training(tmp_path / "one", tmp_path / "fsdp")
+
+
+def test_a_kill_inside_stage_1_resumes_from_a_time_checkpoint(teacher_dir: Path, text_file: Path,
+                                                               tmp_path: Path) -> None:
+    """No step-count checkpoint is ever due (checkpoint_every 1000); checkpoints by time (here: every step)
+    still let a run killed inside stage 1 resume to the uninterrupted run's weights."""
+    extra = ["--stages", "1", "--no-eval", "--set", "train.checkpoint_every=1000",
+             "--set", "train.checkpoint_minutes=1e-9", "--set", "stage1.tokens=8192"]
+    ref = _run_cli(_args(teacher_dir, text_file, tmp_path / "ref", extra))
+    killed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra))
+    manifest = tmp_path / "run.run" / "checkpoints" / "manifest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        if manifest.exists() and "stage1-step00000004" in manifest.read_text():
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    resumed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", [*extra, "--resume"]))
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert ref.wait() == 0, ref.stderr.read()
+    a = load_file(tmp_path / "ref" / "model.safetensors")
+    b = load_file(tmp_path / "run" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k

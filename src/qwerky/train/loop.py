@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from qwerky.data import PackedBatches
 from qwerky.teacher import QwerkyError
 
-from .parallel import DistInfo, all_reduce_mean
+from .parallel import DistInfo, all_reduce_mean, from_rank0
 from .recipe import StageSpec
 
 
@@ -188,7 +188,7 @@ def run_stage(
     stage: int, spec: StageSpec, params: list[nn.Parameter], step_fn: Callable[[torch.Tensor, float], torch.Tensor],
     batches: PackedBatches, info: DistInfo, log: JsonlLog, save_checkpoint: Callable[[dict[str, Any]], None],
     checkpoint_every: int, resume: dict[str, Any] | None = None, description: str = "",
-    flops_per_token: float = 0.0,
+    flops_per_token: float = 0.0, checkpoint_minutes: float = 0.0,
 ) -> dict[str, Any]:
     """Train one stage to its token budget; returns a summary (steps, tokens, wall and CPU time, tokens/s,
     achieved FLOP/s, peak memory, final loss).
@@ -226,6 +226,7 @@ def run_stage(
     t0, c0 = time.perf_counter() - elapsed, time.process_time() - cpu
     first = True
     nonfinite_steps = nonfinite_run = 0
+    last_save = time.perf_counter()
     while step < total_steps:
         t_step = time.perf_counter()
         batch = next(it).to(info.device)
@@ -271,8 +272,12 @@ def run_stage(
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}",
                         **({"GFLOP_s": f"{record['gflop_s']:.1f}"} if flops_per_token else {}))
         bar.update(1)
-        if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+        due = bool(checkpoint_every) and step % checkpoint_every == 0
+        if checkpoint_minutes > 0 and not due:  # by time too: a kill loses minutes, not a whole slow stage
+            due = from_rank0(time.perf_counter() - last_save >= 60 * checkpoint_minutes, info)
+        if due and step < total_steps:
             save_checkpoint(payload())
+            last_save = time.perf_counter()
     bar.close()
     tokens = step * batches.tokens_per_batch
     tok_s = tokens / max(elapsed, 1e-9)

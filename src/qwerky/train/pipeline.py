@@ -336,7 +336,8 @@ def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
                 stage1_student_forward=info.enabled)
             summary = run_stage(stage, spec, params, step_fn, batches, info, logger, save,
                                 recipe.train.checkpoint_every, stage_resume, STAGE_NAMES[stage],
-                                flops_per_token=flops["total"])
+                                flops_per_token=flops["total"],
+                                checkpoint_minutes=recipe.train.checkpoint_minutes)
         finally:
             if taps is not None:
                 taps.remove()

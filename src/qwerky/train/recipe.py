@@ -81,6 +81,7 @@ class TrainSpec:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: str = "auto"  # auto (on with CUDA) | on | off
     checkpoint_every: int = 100  # optimiser steps between checkpoints (stage ends always checkpoint)
+    checkpoint_minutes: float = 5.0  # also checkpoint when this long has passed since the last one (0: off)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between JSONL log lines
     threads: int = 0  # torch CPU threads (0: leave torch's default)
