@@ -76,19 +76,24 @@ def _run_cli(args: list[str], **kw: object) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _kill_at_checkpoint(run: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    """SIGKILL `run` as soon as a checkpoint whose tag contains `tag` is in its manifest."""
+    manifest = run_dir / "checkpoints" / "manifest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and run.poll() is None:
+        if manifest.exists() and tag in manifest.read_text():
+            run.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+
+
 def test_resume_after_sigkill_equals_uninterrupted(teacher_dir: Path, text_file: Path, tmp_path: Path) -> None:
     extra = ["--stages", "1,2", "--no-eval", "--set", "train.checkpoint_every=3", "--set", "stage2.tokens=16384"]
     ref = _run_cli(_args(teacher_dir, text_file, tmp_path / "ref", extra))
-    killed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra))
-    manifest = tmp_path / "run.run" / "checkpoints" / "manifest.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if manifest.exists() and "stage2-step" in manifest.read_text():
-            killed.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    _kill_at_checkpoint(_run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra)), tmp_path / "run.run",
+                        "stage2-step")
     assert not (tmp_path / "run").exists()
     resumed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", [*extra, "--resume"]))
     assert resumed.wait() == 0, resumed.stderr.read()
@@ -187,16 +192,8 @@ def test_a_kill_inside_stage_1_resumes_from_a_time_checkpoint(teacher_dir: Path,
     extra = ["--stages", "1", "--no-eval", "--set", "train.checkpoint_every=1000",
              "--set", "train.checkpoint_minutes=1e-9", "--set", "stage1.tokens=8192"]
     ref = _run_cli(_args(teacher_dir, text_file, tmp_path / "ref", extra))
-    killed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra))
-    manifest = tmp_path / "run.run" / "checkpoints" / "manifest.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if manifest.exists() and "stage1-step00000004" in manifest.read_text():
-            killed.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-stage"
+    _kill_at_checkpoint(_run_cli(_args(teacher_dir, text_file, tmp_path / "run", extra)), tmp_path / "run.run",
+                        "stage1-step00000004")
     resumed = _run_cli(_args(teacher_dir, text_file, tmp_path / "run", [*extra, "--resume"]))
     assert resumed.wait() == 0, resumed.stderr.read()
     assert ref.wait() == 0, ref.stderr.read()
