@@ -16,6 +16,10 @@ if [ ! -x "$PY" ] || ! "$PY" -c "import vllm, qwerky" 2>/dev/null; then
     python3 -m venv "$VENV"
     "$PY" -m pip install -q torch==2.13.0          # first, so vLLM's resolver keeps this torch
     "$PY" -m pip install -q "$PKG" "transformers>=5.19.0,<5.20"
+fi
+# pytest on its own: a venv built by hand from the README (vLLM and qwerky, no pytest) is reused above, so
+# installing it only on a fresh build left such a venv without it ("No module named pytest")
+if ! "$PY" -c "import pytest" 2>/dev/null; then
     "$PY" -m pip install -q pytest==9.2.0
 fi
 "$PY" -m pip install -q --no-deps -e "$ROOT"        # qwerky itself; registers the vllm.general_plugins entry point
