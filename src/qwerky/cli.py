@@ -12,16 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from qwerky.data import DataError
-    from qwerky.surgery.families import UnsupportedArchitectureError
-    from qwerky.teacher import QwerkyError
-    from qwerky.train.recipe import RecipeError
-
-    return (QwerkyError, DataError, UnsupportedArchitectureError, RecipeError)
+from qwerky.errors import QwerkyError
 
 
 def _stages(text: str) -> list[int]:
@@ -71,8 +62,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model)
     if args.chat:
         if not getattr(tok, "chat_template", None):
-            from qwerky.teacher import QwerkyError
-
             raise QwerkyError(f"{args.model} has no chat template; drop --chat")
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -126,6 +115,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan_main(args)
 
 
+class _RecipeHelp(argparse.Action):
+    """`qwerky convert --help-recipe`: every recipe field (the typed sections in train/recipe.py) and its doc."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help=kwargs.get("help"))  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from qwerky.train.recipe import describe_recipe
+
+        lines = ["recipe fields: YAML sections, or --set SECTION.FIELD=VALUE; a default is the value a recipe that "
+                 "omits the field gets (the built-in recipes set their own: src/qwerky/recipes/*.yaml)"]
+        section = None
+        for name, kind, default, doc in describe_recipe():
+            head, _, leaf = name.rpartition(".")
+            if head in ("stage2", "stage3", "stage4"):
+                continue  # the four stages share one section type: listed once, as stageN
+            head = "stageN" if head == "stage1" else head
+            if head != section:
+                section = head
+                lines.append(f"\n{head}:" + (" (stage1, stage2, stage3, stage4)" if head == "stageN" else "")
+                             if head else "")
+            shown = list(default) if isinstance(default, tuple) else default
+            lines.append(f"  {head + '.' if head else ''}{leaf} ({kind}, default {shown!r}): {doc}")
+        lines.append("\nmixer options (student.mixer_options.NAME): `qwerky mixers`")
+        sys.stdout.write("\n".join(lines) + "\n")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwerky", description="Convert a Hugging Face transformer into an "
                                 "attention-free RWKV model by distillation; evaluate and serve it.")
@@ -141,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in recipe name (default, long_context, published) or a YAML path")
     c.add_argument("--stages", type=_stages, default=[1, 2, 3, 4], help="0 = weight transfer only; default 1,2,3,4")
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. stage2.tokens=2e5")
+                   help="override a recipe field, e.g. stage2.tokens=2e5 (--help-recipe lists them)")
+    c.add_argument("--help-recipe", action=_RecipeHelp, help="print every recipe field with its type, default and "
+                   "meaning, and exit")
     c.add_argument("--mixer", help="student mixer (recipe student.mixer; `qwerky mixers` lists them)")
     c.add_argument("--attention-layers", type=_int_list, help="hybrid: layers keeping teacher attention, e.g. 3,7")
     c.add_argument("--keep-attention", metavar="auto:K",
@@ -224,8 +244,6 @@ def _optional_subcommands(sub: argparse._SubParsersAction) -> None:
 
 def _needs_package(command: str, exc: ImportError):  # noqa: ANN202 - an argparse handler
     def handler(_args: argparse.Namespace) -> int:
-        from qwerky.teacher import QwerkyError
-
         raise QwerkyError(f"qwerky {command} needs the Python package {exc.name!r}, which is not installed: "
                           f"pip install {exc.name} (or reinstall qwerky with its dependencies)")
 
@@ -240,10 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
-    errors = _user_errors()
     try:
         return int(args.func(args) or 0)
-    except errors as err:
+    except QwerkyError as err:
         if os.environ.get("QWERKY_DEBUG"):
             raise
         message = " ".join(str(err).split())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwerky.teacher import QwerkyError
+from qwerky.errors import QwerkyError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "teacher"

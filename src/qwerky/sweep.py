@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from qwerky.teacher import QwerkyError
+from qwerky.errors import QwerkyError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 
-
-class QwerkyError(Exception):
-    """A user-facing problem: the CLI prints its message on one line and exits non-zero."""
+from qwerky.errors import QwerkyError  # also importable from here, as before
 
 
 def is_gguf(path: str | Path) -> bool:

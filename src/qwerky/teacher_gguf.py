@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from qwerky.teacher import QwerkyError
+from qwerky.errors import QwerkyError
 
 GGUF_MAGIC = b"GGUF"
 # GGUF architecture names transformers spells differently in its table (see load_gguf_checkpoint)

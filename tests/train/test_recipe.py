@@ -114,3 +114,67 @@ def test_scaled_token_overrides() -> None:
     for i in (1, 2, 3, 4):
         assert scaled.stage(i).tokens == max(1, int(base.stage(i).tokens * 0.3))
         assert scaled.stage(i).seq_len == base.stage(i).seq_len
+
+
+def test_every_recipe_field_is_typed_and_documented() -> None:
+    """`--help-recipe` is only as good as the fields: each has a doc, and every choice field a Literal type."""
+    from qwerky.train.recipe import describe_recipe
+
+    rows = describe_recipe()
+    assert {"stage2.tokens", "train.keep", "student.mixer_options", "data.eval_seq_len"} <= {r[0] for r in rows}
+    undocumented = [name for name, _, _, doc in rows if not doc.strip()]
+    assert undocumented == []
+    kinds = {name: kind for name, kind, _, _ in rows}
+    assert kinds["stage1.schedule"] == "'cosine' | 'constant'" and kinds["train.keep"] == "'best' | 'last'"
+    assert kinds["stage3.tokens"] == "int" and kinds["student.attention_layers"] == "list[int]"
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("train.keep=worst", "train.keep must be one of 'best', 'last', got 'worst'"),
+    ("stage2.schedule=linear", "stage2.schedule must be one of 'cosine', 'constant'"),
+    ("train.tensorboard=maybe", "train.tensorboard must be true or false"),
+    ("stage2.tokens=1.5", "stage2.tokens must be an integer"),
+    ("train.log_every=5", "'train.log_every' was removed"),
+])
+def test_choice_and_type_errors_name_the_field(item: str, needle: str) -> None:
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        load_recipe("default", [item])
+
+
+def test_recipe_and_mixer_options_share_one_coercer(tmp_path: Path) -> None:
+    """The same spelling means the same value in a recipe field and in a mixer option (modeling/options.py)."""
+    r = load_recipe("default", ["stage2.tokens=1e6", "train.tensorboard=yes"])
+    assert r.stage2.tokens == 1_000_000 and r.train.tensorboard is True
+    from qwerky.modeling.mixer_base import get_mixer
+
+    opts = get_mixer("window").Options.parse({"window_size": "32", "branch_rope": "yes",
+                                              "branch_decay_init": "-8,-2"})
+    assert opts.window_size == 32 and opts.branch_rope is True and opts.branch_decay_init == (-8.0, -2.0)
+    with pytest.raises(ValueError, match="window_size must be an integer"):
+        get_mixer("window").Options.parse({"window_size": "1.5"})
+    f = tmp_path / "r.yaml"
+    f.write_text("stage2:\n  tokens: 2e5\ntrain:\n  keep: last\n")
+    assert load_recipe(str(f)).stage2.tokens == 200_000
+
+
+def test_validate_checks_values_set_from_python() -> None:
+    from qwerky.train.recipe import validate
+
+    r = load_recipe("default")
+    r.train.precision = "fp16"  # type: ignore[assignment]
+    with pytest.raises(RecipeError, match="train.precision must be one of 'auto', 'fp32', 'bf16'"):
+        validate(r)
+
+
+def test_help_recipe_lists_every_field(capsys: pytest.CaptureFixture) -> None:
+    from qwerky.cli import main
+    from qwerky.train.recipe import describe_recipe
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help-recipe"])  # no --teacher/--out needed
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name, _, _, doc in describe_recipe():
+        shown = name.replace("stage1.", "stageN.") if name.startswith("stage") else name
+        if not name.startswith(("stage2.", "stage3.", "stage4.")):
+            assert f"{shown} (" in out and doc in out, name

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwerky.errors import QwerkyError
+
 __all__ = [
     "DataError",
     "Source",
@@ -45,7 +47,7 @@ _BATCH_ROWS = 1024
 PathLike = str | os.PathLike
 
 
-class DataError(ValueError):
+class DataError(QwerkyError, ValueError):
     """Bad or unreadable training data; the message names the problem and how to fix it."""
 
 

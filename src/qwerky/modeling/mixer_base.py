@@ -30,13 +30,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from .options import describe_options, option, parse_options
+
+__all__ = ["MIXERS", "ForwardContext", "Mixer", "MixerOptions", "discover_mixers", "get_mixer", "mixer_names", "option",
+           "register_mixer", "unregister_mixer"]
 
 
 class ForwardContext:
@@ -59,13 +63,6 @@ class ForwardContext:
         return torch.arange(T, device=device).expand(B, T)
 
 
-def option(default: Any, doc: str) -> Any:
-    """A MixerOptions field with its documentation (shown by `qwerky mixers` and in errors)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
-
-
 @dataclasses.dataclass
 class MixerOptions:
     """Per-mixer options (config.mixer_options). Subclass with `option(...)` fields; add checks in `check`."""
@@ -76,15 +73,7 @@ class MixerOptions:
     @classmethod
     def parse(cls, values: Mapping[str, Any] | None, where: str = "mixer_options") -> MixerOptions:
         """Build from a mapping (config, recipe or CLI), rejecting unknown keys and mistyped values."""
-        values = dict(values or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            valid = ", ".join(fields) or "none"
-            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)} (valid: {valid})")
-        hints = typing.get_type_hints(cls)
-        parsed = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
-        opts = cls(**parsed)
+        opts = parse_options(cls, values, where)
         opts.check()
         return opts
 
@@ -94,50 +83,7 @@ class MixerOptions:
     @classmethod
     def describe(cls) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, doc) of every option."""
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
-        return out
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and losslessly convert) one option value against its annotation."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ValueError(f"{where} must have {len(args)} entries, got {list(value)!r}")
-        item = args[0] if args else Any
-        items = [v if item is Any else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is str and not isinstance(value, str):
-        raise ValueError(f"{where} must be a string, got {value!r}")
-    return value
+        return describe_options(cls)
 
 
 class Mixer(nn.Module):

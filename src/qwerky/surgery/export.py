@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 import qwerky.modeling as modeling_pkg
+from qwerky.errors import QwerkyError
 from qwerky.modeling.mixer_base import get_mixer
-from qwerky.teacher import QwerkyError
 
 
 def auto_map(mixer: str) -> dict[str, str]:

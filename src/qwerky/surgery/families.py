@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qwerky.errors import QwerkyError
 from qwerky.modeling.modeling_qwerky import find_decoder_layers
 
-KNOWN_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
 FAMILY_HINT = ("supported: decoder causal LMs whose layers have an attention module with q_proj, k_proj, "
                "v_proj and o_proj (Qwen2/2.5/QwQ, Qwen3, Llama, Mistral and look-alikes)")
 
@@ -21,7 +21,7 @@ PROJECTIONS = {"q_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_pr
                "dense": "output", "q_norm": "r_norm", "k_norm": "k_norm"}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(QwerkyError, ValueError):
     """The teacher's architecture has no attention layout qwerky can convert."""
 
 

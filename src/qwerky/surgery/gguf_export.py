@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qwerky.teacher import QwerkyError
+from qwerky.errors import QwerkyError
 
 EXPORTABLE_MIXER = "arwkv7"
 EXPORTABLE_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")

@@ -1,31 +1,39 @@
 """Recipes: every knob of a conversion in one YAML file, overridable by dotted `--set` paths.
 
-A recipe is a tree of dataclasses; loading rejects unknown keys (a typo must not silently fall back to a
-default) and `--set stage2.tokens=200000` overrides any leaf with its type checked.
+A recipe is a tree of typed dataclasses, one documented field per knob (`qwerky convert --help-recipe` prints
+them); loading goes through the same coercer as the mixers' options (modeling/options.py), rejects unknown keys (a
+typo must not silently fall back to a default), and `--set stage2.tokens=200000` overrides any leaf, type checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from qwerky.errors import QwerkyError
+from qwerky.modeling.options import coerce, describe_options, field_hints, option, parse_options
 
-class RecipeError(ValueError):
+
+class RecipeError(QwerkyError, ValueError):
     """A recipe file or override the user must fix."""
 
 
 @dataclass
 class StudentSpec:
-    mixer: str = "rwkv7"  # a registered student mixer (`qwerky mixers` lists them and their options)
-    attention_layers: list[int] = field(default_factory=list)  # hybrid: layers keeping teacher attention
-    mixer_options: dict[str, Any] = field(default_factory=dict)  # the mixer's own options (its Options dataclass)
-    keep_attention: str = ""  # "auto:K": after stage 1 keep K layers as attention, chosen greedily on held-out KL
-    fit_output_scale: bool = True  # stage 0: scale each converted head's output to its attention's (warm_start.py)
+    """What the student is: its mixer, and which layers stay the teacher's attention."""
+
+    mixer: str = option("rwkv7", "a registered student mixer (`qwerky mixers` lists them and their options)")
+    attention_layers: list[int] = option([], "hybrid: layers keeping the teacher's softmax attention, e.g. [3, 7]")
+    mixer_options: dict[str, Any] = option({}, "the mixer's own options (its Options dataclass; `qwerky mixers`)")
+    keep_attention: str = option("", "'auto:K': after stage 1 keep K layers as attention, chosen greedily on "
+                                     "held-out KL")
+    fit_output_scale: bool = option(True, "stage 0: scale each converted head's output to its attention's size "
+                                          "(train/warm_start.py)")
 
     def convert_kwargs(self) -> dict[str, Any]:
         """What convert_teacher needs to build this student."""
@@ -40,74 +48,98 @@ MOVED_FIELDS = {
     "student.branch_own_qk": "removed: it measured as no gain (docs/window_student.md)",
     **{f"stage{n}.{k}": "removed: it measured as no gain (docs/window_student.md)"
        for n in (1, 2, 3, 4) for k in ("kl_focus", "gate_lr_scale")},
+    "train.log_every": "removed: every optimiser step is logged (it never took effect)",
 }
 
 
 @dataclass
 class DataSpec:
-    heldout_fraction: float = 0.02  # share of documents held out (when no --heldout files are given)
-    seed: int = 0  # document split and batch order
-    eval_seq_len: int = 512  # held-out window length for the quality report
-    eval_windows: int = 32  # held-out windows evaluated
-    text_field: str = "text"  # field/column holding the text in jsonl/parquet/datasets
-    recall_fraction: float = 0.0  # share of training rows whose passage is written again past the window
-    recall_min_gap: int = 128  # recall rows: at least this many tokens between the passage and its copy
+    """How the text is split and what the held-out quality table is measured on."""
+
+    heldout_fraction: float = option(0.02, "share of documents held out (when no --heldout files are given)")
+    seed: int = option(0, "document split and batch order")
+    eval_seq_len: int = option(512, "held-out window length of the quality report")
+    eval_windows: int = option(32, "held-out windows evaluated")
+    text_field: str = option("text", "field/column holding the text in jsonl, parquet and datasets folders")
+    recall_fraction: float = option(0.0, "share of training rows whose passage is written again past the window")
+    recall_min_gap: int = option(128, "recall rows: at least this many tokens between the passage and its copy")
 
 
 @dataclass
 class StageSpec:
-    enabled: bool = True  # run this stage
-    tokens: int = 1_000_000  # training tokens (global, all ranks together)
-    seq_len: int = 512  # training sequence length
-    batch_size: int = 16  # global sequences per optimiser step
-    micro_batch_size: int = 0  # per-rank sequences per forward (0: whole local batch); accumulates gradients
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-5  # final learning rate of the cosine schedule
-    warmup_steps: int = 50  # linear warm-up steps
-    schedule: str = "cosine"  # cosine | constant
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm (0: off)
-    loss: str = "kl"  # stage 1: align; stages 2-3: kl; stage 4: kl | ce
-    lora_rank: int = 0  # stage 3: >0 trains LoRA adapters on the MLPs instead of full MLP weights
-    logits_chunk: int = 128  # sequence positions per chunk of the vocabulary-sized KL
+    """One training stage: its budget, context, optimiser and loss."""
+
+    enabled: bool = option(True, "run this stage")
+    tokens: int = option(1_000_000, "training tokens (global: all ranks together)")
+    seq_len: int = option(512, "training sequence length")
+    batch_size: int = option(16, "global sequences per optimiser step")
+    micro_batch_size: int = option(0, "per-rank sequences per forward (0: the whole local batch); gradients "
+                                      "accumulate")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-5, "final learning rate of the cosine schedule")
+    warmup_steps: int = option(50, "linear warm-up steps")
+    schedule: Literal["cosine", "constant"] = option("cosine", "learning-rate schedule after warm-up")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    loss: Literal["align", "kl", "ce"] = option("kl", "stage 1: align; stages 2-3: kl; stage 4: kl or ce")
+    lora_rank: int = option(0, "stage 3: > 0 trains LoRA adapters on the MLPs instead of the full MLP weights")
+    logits_chunk: int = option(128, "sequence positions per chunk of the vocabulary-sized KL")
 
 
 @dataclass
 class TrainSpec:
-    seed: int = 0  # initialisation and dropout RNG
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: str = "auto"  # auto (on with CUDA) | on | off
-    checkpoint_every: int = 100  # optimiser steps between checkpoints (stage ends always checkpoint)
-    checkpoint_minutes: float = 5.0  # also checkpoint when this long has passed since the last one (0: off)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 1  # steps between JSONL log lines
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
-    tensorboard: bool = False  # also write tensorboard scalars under RUN_DIR/tb
-    teacher_context: str = "warn"  # a stage longer than the teacher's measured effective context: warn | cap | off
-    keep: str = "best"  # best: a stage that makes the student worse is undone (train/guard.py) | last: only warned
-    guard_kl_tolerance: float = 0.02  # relative KL rise a stage may cause before it counts as worse
-    guard_top1_tolerance: float = 0.005  # top-1 agreement drop (0.005 = half a point) before it counts as worse
+    """Run-wide training settings: precision, checkpoints, threads, and the stage guard."""
+
+    seed: int = option(0, "initialisation and dropout RNG")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 autocast on CUDA, fp32 on CPU")
+    activation_checkpointing: Literal["auto", "on", "off"] = option(
+        "auto", "recompute layer activations in backward (auto: on with CUDA, on CPU when plan says memory needs it)")
+    checkpoint_every: int = option(100, "optimiser steps between checkpoints (stage ends always checkpoint)")
+    checkpoint_minutes: float = option(5.0, "also checkpoint when this long has passed since the last one (0: off)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept on disk")
+    threads: int = option(0, "torch CPU threads (0: chosen from the cores and the machine's load)")
+    tensorboard: bool = option(False, "also write tensorboard scalars under RUN_DIR/tb")
+    teacher_context: Literal["warn", "cap", "off"] = option(
+        "warn", "a stage longer than the teacher's measured effective context: warn, cap its seq_len, or off")
+    keep: Literal["best", "last"] = option(
+        "best", "best: a stage that makes the student worse is undone (train/guard.py); last: only warned")
+    guard_kl_tolerance: float = option(0.02, "relative KL rise a stage may cause before it counts as worse")
+    guard_top1_tolerance: float = option(0.005, "top-1 agreement drop (0.005 = half a point) before it counts as "
+                                                "worse")
 
 
 @dataclass
 class Recipe:
-    name: str = "custom"
-    student: StudentSpec = field(default_factory=StudentSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    stage1: StageSpec = field(default_factory=lambda: StageSpec(loss="align"))
-    stage2: StageSpec = field(default_factory=StageSpec)
-    stage3: StageSpec = field(default_factory=StageSpec)
-    stage4: StageSpec = field(default_factory=StageSpec)
+    """A whole conversion: the student, the data split, run-wide settings and the four stages."""
+
+    name: str = option("custom", "the recipe's name (the file's stem when loaded from a file)")
+    student: StudentSpec = option(StudentSpec(), "the student")
+    data: DataSpec = option(DataSpec(), "data split and held-out evaluation")
+    train: TrainSpec = option(TrainSpec(), "run-wide training settings")
+    stage1: StageSpec = option(StageSpec(loss="align"), "each mixer against its own teacher attention's output")
+    stage2: StageSpec = option(StageSpec(), "the whole model on the teacher's logits, only the mixers train")
+    stage3: StageSpec = option(StageSpec(), "all layers (MLPs too) on the teacher's logits")
+    stage4: StageSpec = option(StageSpec(), "all layers at a longer context")
 
     def stage(self, n: int) -> StageSpec:
         return getattr(self, f"stage{n}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def describe_recipe() -> list[tuple[str, str, Any, str]]:
+    """(dotted field, type, default, doc) of every recipe field, for `qwerky convert --help-recipe`."""
+    return describe_options(Recipe)
+
+
+def _unknown_field(path: str, valid: list[str]) -> str:
+    if path in MOVED_FIELDS:
+        return f"recipe field '{path}' was {MOVED_FIELDS[path]}"
+    return f"unknown recipe field '{path}' (valid here: {', '.join(valid)})"
 
 
 RECIPE_DIR = "recipes"
@@ -118,65 +150,15 @@ def builtin_recipes() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def _build(data: Any) -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe field '{path or 'root'}' must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else key
-        if key not in fields:
-            if where in MOVED_FIELDS:
-                raise RecipeError(f"recipe field '{where}' was {MOVED_FIELDS[where]}")
-            raise RecipeError(f"unknown recipe field '{where}' (valid here: {', '.join(fields)})")
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, where)
-        else:
-            kwargs[key] = _coerce(value, default, where)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise RecipeError(f"recipe field '{where}' must be true or false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise RecipeError(f"recipe field '{where}' must be an integer, got {value!r}")
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"recipe field '{where}' must be a number, got {value!r}") from None
-    if isinstance(default, list):
-        if isinstance(value, int) and not isinstance(value, bool):  # `--set student.attention_layers=3`
-            value = [value]
-        if isinstance(value, str):
-            value = [int(v) for v in value.split(",") if v.strip()] if value.strip() else []
-        if not isinstance(value, list):
-            raise RecipeError(f"recipe field '{where}' must be a list, got {value!r}")
-        return value
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise RecipeError(f"recipe field '{where}' must be a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(default, str):
-        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off/yes/no as a boolean; the field wants the word
-            return "on" if value else "off"
-        return str(value)
-    return value
+        raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return parse_options(Recipe, data, "", _unknown_field)
+    except RecipeError:
+        raise
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def load_recipe(name_or_path: str = "default", overrides: list[str] | None = None) -> Recipe:
@@ -201,7 +183,7 @@ def load_recipe(name_or_path: str = "default", overrides: list[str] | None = Non
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"malformed YAML in recipe {source}{where}: {problem}") from None
     data.setdefault("name", path.stem if path.suffix else name_or_path)
-    recipe = _build(Recipe, data, "")
+    recipe = _build(data)
     for item in overrides or []:
         apply_override(recipe, item)
     validate(recipe)
@@ -243,16 +225,22 @@ def apply_override(recipe: Recipe, item: str) -> None:
     if dataclasses.is_dataclass(current):
         raise RecipeError(f"--set: '{key}' is a section; set one of its fields")
     value = yaml.safe_load(raw) if raw.strip() else raw
-    value = _coerce(value, current, key)
+    try:
+        value = coerce(value, field_hints(type(target))[leaf], key.strip())
+    except ValueError as err:
+        raise RecipeError(f"--set: {err}") from None
     if target is recipe.student and leaf == "mixer" and value != current:
         recipe.student.mixer_options = {}  # options belong to the mixer they were written for
     setattr(target, leaf, value)
 
 
 def validate(recipe: Recipe) -> None:
+    """Every field against its type (the same coercer: a value set from Python is checked too), then the rules
+    that span fields."""
     from qwerky.data.recall import RecallRows
     from qwerky.modeling.mixer_base import get_mixer
 
+    _build(recipe.to_dict())
     try:
         get_mixer(recipe.student.mixer).Options.parse(recipe.student.mixer_options, where="student.mixer_options")
     except ValueError as err:
@@ -281,21 +269,11 @@ def validate(recipe: Recipe) -> None:
         for name in ("tokens", "seq_len", "batch_size"):
             if getattr(s, name) <= 0:
                 raise RecipeError(f"stage{n}.{name} must be positive, got {getattr(s, name)}")
-        if s.schedule not in ("cosine", "constant"):
-            raise RecipeError(f"stage{n}.schedule must be cosine or constant, got '{s.schedule}'")
         allowed = {1: ("align",), 2: ("kl",), 3: ("kl",), 4: ("kl", "ce")}[n]
         if s.loss not in allowed:
             raise RecipeError(f"stage{n}.loss must be {' or '.join(allowed)}, got '{s.loss}'")
         if s.lr <= 0:
             raise RecipeError(f"stage{n}.lr must be positive, got {s.lr}")
-    if recipe.train.teacher_context not in ("warn", "cap", "off"):
-        raise RecipeError(f"train.teacher_context must be warn, cap or off, got '{recipe.train.teacher_context}'")
-    if recipe.train.keep not in ("best", "last"):
-        raise RecipeError(f"train.keep must be best or last, got '{recipe.train.keep}'")
     if recipe.train.guard_kl_tolerance < 0 or recipe.train.guard_top1_tolerance < 0:
         raise RecipeError("train.guard_kl_tolerance and train.guard_top1_tolerance must be >= 0")
-    if recipe.train.precision not in ("auto", "fp32", "bf16"):
-        raise RecipeError(f"train.precision must be auto, fp32 or bf16, got '{recipe.train.precision}'")
-    ac = recipe.train.activation_checkpointing
-    if ac not in ("auto", "on", "off"):
-        raise RecipeError(f"train.activation_checkpointing must be auto, on or off, got '{ac}'")
+
