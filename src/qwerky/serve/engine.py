@@ -10,6 +10,8 @@ whatever the context length. The teacher engine keeps one KV cache per request a
 one by one (the baseline the benchmark compares against).
 
 Requests stream text deltas to a thread-safe queue (sync iteration) or an asyncio queue (server).
+For a graceful stop, `drain()` ends the waiting requests at once and refuses new ones, and `cut()` ends
+the active rows at the next step boundary (finish_reason "shutdown" for both).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class StreamEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "shutdown"
     error: str | None = None
 
 
@@ -176,8 +178,11 @@ class _EngineBase:
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: list[GenerationRequest] = []
         self._stopping = False
+        self._draining = False  # drain(): no new requests; the active ones run on until cut()
+        self._cut_reason: str | None = None  # cut(): end every active row at the next step boundary
         self._thread: threading.Thread | None = None
-        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0,
+        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "failed": 0, "shutdown": 0,
+                         "generated_tokens": 0,
                          "prefill_tokens": 0, "cached_prompt_tokens": 0, "decode_steps": 0, "rows_stepped": 0}
         self.state_bytes = 0
         self.peak_state_bytes = 0
@@ -200,6 +205,33 @@ class _EngineBase:
             self._thread.join(timeout)
             self._thread = None
 
+    def drain(self, reason: str = "the server is shutting down") -> int:
+        """Stop admitting: later submits raise ShuttingDown and every waiting request ends now.
+
+        Waiting requests finish with finish_reason "shutdown" (and `reason` as their error) so that their
+        clients get an answer at once instead of waiting for rows that will never free up; the active rows
+        keep decoding until they finish or `cut` is called. Returns how many waiting requests were ended.
+        """
+        with self._cv:
+            self._draining = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        for req in waiting:
+            self._finish(req, "shutdown", f"{reason}; this request was not started, retry it elsewhere")
+        return len(waiting)
+
+    def cut(self, reason: str = "the server is shutting down") -> None:
+        """End every active row at the next step boundary with finish_reason "shutdown" (after `drain`)."""
+        with self._cv:
+            self._cut_reason = reason
+            self._cv.notify_all()
+
+    def pending(self) -> int:
+        """Requests submitted and not yet finished (waiting or active)."""
+        with self._cv:
+            return len(self._waiting) + sum(1 for r in list(self._active) if not r.finished)
+
     def __enter__(self) -> _EngineBase:
         return self.start()
 
@@ -216,8 +248,8 @@ class _EngineBase:
             raise InvalidParam("prompt", "the prompt is empty")
         req = GenerationRequest(prompt_ids, params, loop)
         with self._cv:
-            if self._stopping:
-                raise RuntimeError("engine is shut down")
+            if self._stopping or self._draining:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(req)
@@ -251,7 +283,7 @@ class _EngineBase:
         fut: Future = Future()
         with self._cv:
             if self._stopping:
-                raise RuntimeError("engine is shut down")
+                raise ShuttingDown("the engine is shut down")
             self._jobs.append((fn, fut))
             self._cv.notify_all()
         if self._thread is None:
@@ -348,6 +380,7 @@ class _EngineBase:
                         self._cv.wait()
                     if self._stopping:
                         break
+                    cut = self._cut_reason
                     jobs = list(self._jobs)
                     self._jobs.clear()
                     newcomers = []
@@ -360,6 +393,11 @@ class _EngineBase:
                         except BaseException as exc:  # noqa: BLE001 - handed to the caller
                             fut.set_exception(exc)
                 self._admit(newcomers)
+                if cut is not None:
+                    for req in self._active:
+                        if not req.finished:
+                            self._finish(req, "shutdown",
+                                         f"{cut}; generation was cut after {len(req.output_ids)} tokens")
                 self._drop_finished()
                 if self._active:
                     self._step()
@@ -511,7 +549,7 @@ class _EngineBase:
         rest = req.text[req.emitted:] if reason != "cancelled" else ""
         req.emitted = len(req.text)
         # count it before the final event goes out: a client that has its answer must find it counted
-        key = {"cancelled": "cancelled", "error": "failed"}.get(reason, "completed")
+        key = {"cancelled": "cancelled", "error": "failed", "shutdown": "shutdown"}.get(reason, "completed")
         self.counters[key] += 1
         self._emit(req, rest, reason, error)
         req.done.set()
@@ -649,6 +687,10 @@ class QueueFull(RuntimeError):
     """More requests waiting than `max_waiting`."""
 
 
+class ShuttingDown(RuntimeError):
+    """The engine is draining or stopped and admits no new request (the server answers 503)."""
+
+
 def _is_greedy(p: SamplingParams) -> bool:
     """temperature 0 (or so small that logits / temperature would overflow) or top_k 1 mean argmax."""
     return p.temperature < 1e-5 or p.top_k == 1
@@ -688,5 +730,5 @@ def build_engine(model: Any, tokenizer: Any, **kwargs: Any) -> _EngineBase:
 
 Engine = _EngineBase
 
-__all__ = ["Engine", "GenerationRequest", "InvalidParam", "QueueFull", "SamplingParams", "StreamEvent",
-           "StudentEngine", "TeacherEngine", "build_engine", "is_student", "kv_cache_bytes"]
+__all__ = ["Engine", "GenerationRequest", "InvalidParam", "QueueFull", "SamplingParams", "ShuttingDown",
+           "StreamEvent", "StudentEngine", "TeacherEngine", "build_engine", "is_student", "kv_cache_bytes"]
