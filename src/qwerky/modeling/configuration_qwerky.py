@@ -35,7 +35,6 @@ class QwerkyConfig(PretrainedConfig):
         attention_scaling: the teacher's softmax scale (used by window/full attention).
         use_rope: apply the teacher's RoPE to receptance/key (set from the teacher and the mixer at conversion).
         has_qk_norm: per-head q/k norms exist in the teacher (Qwen3); kept as r/k norms.
-        chunk_size: chunk length of the parallel form.
         lm_head_bias: the teacher's LM head has a bias (Phi).
         decay_rank / iclr_rank / value_rank / gate_rank: low-rank sizes of the RWKV-7 adapters.
     """
@@ -56,7 +55,6 @@ class QwerkyConfig(PretrainedConfig):
         attention_scaling: float | None = None,
         use_rope: bool = True,
         has_qk_norm: bool = False,
-        chunk_size: int = 64,
         decay_rank: int | None = None,
         iclr_rank: int | None = None,
         value_rank: int | None = None,
@@ -91,7 +89,6 @@ class QwerkyConfig(PretrainedConfig):
         self.attention_scaling = attention_scaling or (1.0 / math.sqrt(head_dim) if head_dim else None)
         self.use_rope = use_rope
         self.has_qk_norm = has_qk_norm
-        self.chunk_size = chunk_size
         self.lm_head_bias = lm_head_bias
         self.decay_rank = decay_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)
         self.iclr_rank = iclr_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)

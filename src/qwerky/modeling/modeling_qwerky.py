@@ -59,8 +59,8 @@ class QwerkyPreTrainedModel(PreTrainedModel):
     _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Weights come from the teacher (surgery) or from a checkpoint; new mixer parameters are
-        # initialised in their constructors. Nothing to do here.
+        # Weights come from the teacher (surgery) or from a checkpoint; new mixer parameters get their values
+        # from each mixer's reset_new_parameters (called once the model is built). Nothing to do here.
         return
 
 
