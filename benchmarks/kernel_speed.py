@@ -1,4 +1,4 @@
-"""Speed of every registered op (`qwerky.kernels`) against causal softmax attention (SDPA) in the same run.
+"""Speed of every registered op (`qwerky.opspecs`) against causal softmax attention (SDPA) in the same run.
 
     python benchmarks/kernel_speed.py                        # CPU, 1 thread, fp32: PyTorch forms vs SDPA
     python benchmarks/kernel_speed.py --quick                # tiny sizes, seconds (tests/kernels runs this)
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qwerky.kernels import OpSpec, all_op_specs, limit_triton_autotune  # noqa: E402
+from qwerky.opspecs import OpSpec, all_op_specs, limit_triton_autotune  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "kernel_speed.json"
 # (B, H, D, lengths, decode batch, KV cache length, warm-up, repeats)

@@ -13,7 +13,7 @@ import os
 import sys
 
 if __name__ == "__main__":
-    from qwerky.kernels import limit_triton_autotune
+    from qwerky.opspecs import limit_triton_autotune
 
     limit_triton_autotune(int(os.environ.get("AUTOTUNE_CAP", "1")))  # before fla is imported
     from qwerky.cli import main

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from qwerky.kernels import OpSpec, all_op_specs, limit_triton_autotune
+from qwerky.opspecs import OpSpec, all_op_specs, limit_triton_autotune
 
 if os.environ.get("QWERKY_AUTOTUNE_CAP"):
     limit_triton_autotune(int(os.environ["QWERKY_AUTOTUNE_CAP"]))  # before anything imports fla

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwerky.kernels import all_op_specs
+from qwerky.opspecs import all_op_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 

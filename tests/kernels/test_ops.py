@@ -1,4 +1,4 @@
-"""Every registered op (`qwerky.kernels.all_op_specs()`): naive == chunked == step, dispatch, argument checks,
+"""Every registered op (`qwerky.opspecs.all_op_specs()`): naive == chunked == step, dispatch, argument checks,
 and on CUDA fla's Triton kernels against the PyTorch forms.
 
 One suite for all ops, as in flash-linear-attention's tests: an op declares its forms and input generator once
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from qwerky.kernels import OpSpec
+from qwerky.opspecs import OpSpec
 
 Tensors = dict[str, torch.Tensor]
 Result = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]

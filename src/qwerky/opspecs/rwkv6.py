@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qwerky.kernels import OpSpec
 from qwerky.modeling import ops_rwkv6
+from qwerky.opspecs import OpSpec
 
 W_MIN = -5.0  # RAD-RWKV6 clamps its log-decay here (MIN_LOG_DECAY)
 

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qwerky.kernels import OpSpec
 from qwerky.modeling import ops_rwkv7
+from qwerky.opspecs import OpSpec
 
 W_MIN = -math.exp(-0.5)  # RAD-RWKV7's lowest log-decay, -0.6065 (-LOG_DECAY_SCALE * sigmoid)
 

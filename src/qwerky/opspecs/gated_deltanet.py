@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwerky.kernels import OpSpec
 from qwerky.modeling import ops_gated_deltanet
+from qwerky.opspecs import OpSpec
 
 G_MIN = -5.0  # the mixer keeps the per-token log-decay in [G_MIN, 0]
 
