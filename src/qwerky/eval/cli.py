@@ -41,7 +41,7 @@ def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: b
     The tokenizer is the teacher's when `teacher_tokenizer` (eval data), else the model's own (long-context
     prompts are sized in the model's tokens), falling back to the other folder when one has none.
     """
-    from qwerky.teacher import check_model_dir, is_gguf
+    from qwerky.model_paths import check_model_dir, is_gguf
 
     from .models import load_model, load_tokenizer
 

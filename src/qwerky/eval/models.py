@@ -48,7 +48,7 @@ def is_qwerky_dir(path: str | Path) -> bool:
 
 def _check_local(path: str | Path) -> None:
     """A model is a local folder or GGUF file: a missing one is named, not sent to the hub as a repo id."""
-    from qwerky.teacher import check_model_dir, is_gguf
+    from qwerky.model_paths import check_model_dir, is_gguf
 
     if not is_gguf(path):
         check_model_dir(path, "model")
@@ -63,7 +63,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         from qwerky.surgery import load_student
 
         return load_student(path, device=device, dtype=torch_dtype)
-    from qwerky.teacher import is_gguf
+    from qwerky.model_paths import is_gguf
 
     if is_gguf(path):  # dequantised into a plain HF model (fp32 for 'auto')
         from qwerky.teacher_gguf import load_gguf_model
@@ -81,7 +81,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    from qwerky.teacher import is_gguf
+    from qwerky.model_paths import is_gguf
 
     _check_local(path)
     if is_gguf(path):

@@ -289,7 +289,7 @@ def export_gguf(student: Any, tokenizer_dir: str | Path, out: str | Path, quant:
 
 def export_gguf_folder(student_dir: str | Path, out: str | Path, quant: str = "f16") -> Path:
     """`qwerky export STUDENT --format gguf`: load the converted folder, check it, write the file."""
-    from qwerky.teacher import check_model_dir
+    from qwerky.model_paths import check_model_dir
 
     from .export import load_student
 
