@@ -192,6 +192,68 @@ def test_greedy_tokens_equal_hf_generate_other_mixers(mixer: str, family: str, o
         gc.collect()
 
 
+# prefix caching (vLLM's "align" mode: a state snapshot at the block boundary where a prompt's prefill stops,
+# copied into the next block when the request moves on): the plain state, the window student (7 state tensors:
+# S, ring keys/values/positions, sinks) and a hybrid (vLLM aligns the attention and state block sizes)
+PREFIX_CASES = [
+    ("rwkv7", "qwen3", {}),
+    ("window", "qwen2", {"options": {"window_size": 16, "num_sinks": 2}}),
+    ("arwkv7", "qwen2", {}),
+    ("rwkv7", "qwen3", {"keep": (0,), "head_dim": 32}),
+]
+PREFIX_LEN = 1100
+
+
+def _prefix_cache_run(student_dir: Path, prompts: list[list[int]], caching: bool) -> tuple[list, list, float]:
+    """Each prompt alone, in order, on one engine: (tokens, cached tokens per request, vLLM's hit counter)."""
+    from vllm import LLM, SamplingParams
+
+    args = {**ENGINE_ARGS, "max_model_len": 2048, "max_num_batched_tokens": 512}
+    engine = LLM(model=str(student_dir), enable_prefix_caching=caching, disable_log_stats=False, **args)
+    try:
+        assert engine.llm_engine.vllm_config.cache_config.mamba_cache_mode == ("align" if caching else "none")
+        tokens, cached = [], []
+        for ids in prompts:
+            out = engine.generate([{"prompt_token_ids": ids}],
+                                  SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+            tokens.append(list(out.outputs[0].token_ids))
+            cached.append(out.num_cached_tokens)
+        hits = sum(getattr(m, "value", 0) for m in engine.get_metrics() if m.name == "vllm:prefix_cache_hits")
+        # every state tensor of the layer has a copy function (vLLM copies only that many when a request
+        # moves to a new block: one short, the token shift or window ring of a hit would be stale)
+        n_copy, n_states = engine.apply_model(lambda m: (
+            len(next(iter(m.get_mamba_state_copy_funcs({None}).values()))),
+            max(len(layer.self_attn.get_state_shape()) for layer in m.model.layers
+                if hasattr(layer.self_attn, "get_state_shape"))))[0]
+        assert n_copy == n_states
+        return tokens, cached, hits
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+
+
+@pytest.mark.parametrize(("mixer", "family", "overrides"), PREFIX_CASES,
+                         ids=[f"{m}-{f}" + ("-keep" + "".join(map(str, o["keep"])) if "keep" in o else "")
+                              for m, f, o in PREFIX_CASES])
+def test_prefix_caching_hit_gives_the_tokens_of_a_miss(mixer: str, family: str, overrides: dict,
+                                                      tmp_path: Path) -> None:
+    """A 1,100-token prompt, then two prompts extending it: with prefix caching on, the later ones start from
+    the state vLLM saved at the first prompt's last block boundary (1,000+ tokens not prefilled again) and
+    give the same 32 greedy tokens as with caching off; vLLM's own hit counter agrees."""
+    student_dir = _make_student(tmp_path / "student", mixer, family, **overrides)
+    g = torch.Generator().manual_seed(0)
+    vocab = json.loads((student_dir / "config.json").read_text())["vocab_size"]
+    prefix = torch.randint(3, vocab, (PREFIX_LEN,), generator=g).tolist()
+    prompts = [prefix] + [prefix + torch.randint(3, vocab, (n,), generator=g).tolist() for n in (30, 7)]
+    off, cached_off, _ = _prefix_cache_run(student_dir, prompts, caching=False)
+    on, cached_on, hits = _prefix_cache_run(student_dir, prompts, caching=True)
+    assert cached_off == [0, 0, 0] and cached_on[0] == 0
+    assert all(1000 <= c <= PREFIX_LEN for c in cached_on[1:]), cached_on  # a block-aligned hit inside the prefix
+    assert hits == sum(cached_on)
+    assert on == off
+
+
 # tensor parallelism over 2 ranks (vLLM's CPU backend runs it: one worker process per rank, gloo): heads,
 # LoRA up-projections and states sharded; a single KV head replicated over both ranks (window's key offset
 # follows it); three linears with a token shift (arwkv7); a hybrid with a kept attention layer

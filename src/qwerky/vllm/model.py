@@ -18,10 +18,15 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator
+from vllm.model_executor.layers.mamba.mamba_utils import MambaStateCopyFuncCalculator, get_temporal_copy_spec
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, IsHybrid
+from vllm.model_executor.models.interfaces import (
+    HasInnerState,
+    IsAttentionFree,
+    IsHybrid,
+    SupportsMambaPrefixCaching,
+)
 from vllm.sequence import IntermediateTensors
 
 from qwerky.vllm import mixer_layer
@@ -106,7 +111,7 @@ class QwerkyModel(nn.Module):
         return hidden
 
 
-class _QwerkyCausalLM(nn.Module, HasInnerState):
+class _QwerkyCausalLM(nn.Module, HasInnerState, SupportsMambaPrefixCaching):
     """The student for vLLM; the two registered classes below differ only in what vLLM must allocate."""
 
     packed_modules_mapping = {"rkv_proj": ["receptance", "key", "value"], "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -135,7 +140,19 @@ class _QwerkyCausalLM(nn.Module, HasInnerState):
 
     @classmethod
     def get_mamba_state_copy_func(cls):
+        """The matrix state S only (the class does not know the mixer); `get_mamba_state_copy_funcs` below,
+        which vLLM's runner calls on the built model, covers every state tensor of this folder's mixer."""
         return MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+
+    def get_mamba_state_copy_funcs(self, mamba_types: set) -> dict:
+        """Prefix caching ("align" mode): when a request moves into a new block, vLLM copies its state from
+        the previous block's slot with these, one per state tensor. Every tensor of a qwerky layer (S, the
+        token-shift row, the window ring and sinks) is the whole state after the block's last token, so each
+        is copied whole; vLLM copies only as many tensors as there are functions, so a shorter tuple would
+        leave the token shift or the window ring of a cache hit stale."""
+        layer_cls = mixer_layer(self.config.mixer)
+        n = len(layer_cls.state_shapes(self.config, self.vllm_config.parallel_config.tensor_parallel_size))
+        return {mamba_type: (get_temporal_copy_spec,) * n for mamba_type in mamba_types}
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
