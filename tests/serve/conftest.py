@@ -28,7 +28,8 @@ def hf_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def live_student(student_dir: Path) -> Iterator[LiveServer]:
-    with start_server(student_dir, "--max-concurrent", "64", "--max-prompt-tokens", "300") as server:
+    with start_server(student_dir, "--max-concurrent", "64", "--max-prompt-tokens", "300",
+                      "--max-tokens-limit", "1000000") as server:
         yield server
 
 
