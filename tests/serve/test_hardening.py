@@ -260,21 +260,24 @@ SHUTDOWN_TIMEOUT = 5.0
 SLACK = 20.0  # generous: a shared 2-core CI machine; the bound under test is the timeout, not speed
 
 
-def test_sigterm_with_32_requests_in_flight(student_dir: Path, tmp_path: Path) -> None:
-    """The issue's case: 8 active + 24 queued requests, SIGTERM. Every client gets an answer (a complete one
-    or an error) within the shutdown timeout, queued ones before active ones are cut, and the process exits 0.
+def _run_and_terminate(student_dir: Path, tmp_path: Path, n: int, active: int, shutdown_timeout: float,
+                       second_signal: bool = False) -> tuple[list[dict], float, tuple, float]:
+    """A `python -m qwerky.serve.app` subprocess, `n` never-ending requests (`active` of them decoding), SIGTERM.
+
+    Returns every client's outcome, the time of the signal, what /health and a new request got while
+    draining, and the time the process had exited (it must exit 0 and log no traceback).
     """
     port = _free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "qwerky.serve.app", str(student_dir), "--port", str(port), "--served-model-name",
-             "tiny", "--max-concurrent", "8", "--max-tokens-limit", "1000000", "--shutdown-timeout",
-             str(SHUTDOWN_TIMEOUT), "--threads", "1"], stdout=log_file, stderr=subprocess.STDOUT)
+             "tiny", "--max-concurrent", str(active), "--max-tokens-limit", "1000000", "--shutdown-timeout",
+             str(shutdown_timeout), "--threads", "1"], stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        results, t_signal, during = asyncio.run(_drive_and_terminate(proc, url))
-        rc = proc.wait(timeout=SHUTDOWN_TIMEOUT + SLACK)
+        results, t_signal, during = asyncio.run(_drive_and_terminate(proc, url, n, active, second_signal))
+        rc = proc.wait(timeout=shutdown_timeout + SLACK)
         t_exit = time.monotonic()
     finally:
         if proc.poll() is None:
@@ -282,8 +285,16 @@ def test_sigterm_with_32_requests_in_flight(student_dir: Path, tmp_path: Path) -
             proc.wait()
     log_text = log_path.read_text()
     assert rc == 0, log_text
-    assert t_exit - t_signal <= SHUTDOWN_TIMEOUT + SLACK
     assert "Traceback" not in log_text and "never retrieved" not in log_text, log_text
+    return results, t_signal, during, t_exit
+
+
+def test_sigterm_with_32_requests_in_flight(student_dir: Path, tmp_path: Path) -> None:
+    """The issue's case: 8 active + 24 queued requests, SIGTERM. Every client gets an answer (a complete one
+    or an error) within the shutdown timeout, queued ones before active ones are cut, and the process exits 0.
+    """
+    results, t_signal, during, t_exit = _run_and_terminate(student_dir, tmp_path, 32, 8, SHUTDOWN_TIMEOUT)
+    assert t_exit - t_signal <= SHUTDOWN_TIMEOUT + SLACK
 
     health, late = during
     assert health.status_code == 503 and health.json()["status"] == "draining"
@@ -307,7 +318,17 @@ def test_sigterm_with_32_requests_in_flight(student_dir: Path, tmp_path: Path) -
         r["at"] for r in results if r["outcome"] == "cut")
 
 
-async def _drive_and_terminate(proc: subprocess.Popen, url: str) -> tuple[list[dict], float, tuple]:
+def test_second_sigterm_cuts_at_once(student_dir: Path, tmp_path: Path) -> None:
+    """A second signal does not wait out a long --shutdown-timeout: active requests are cut now, and their
+    clients still get a 503 / a final SSE error event rather than a dropped connection."""
+    long_timeout = 600.0
+    results, t_signal, _, t_exit = _run_and_terminate(student_dir, tmp_path, 4, 2, long_timeout, second_signal=True)
+    assert sorted(r["outcome"] for r in results) == ["cut", "cut", "not started", "not started"]
+    assert t_exit - t_signal < long_timeout / 2
+
+
+async def _drive_and_terminate(proc: subprocess.Popen, url: str, n: int, active: int,
+                               second_signal: bool) -> tuple[list[dict], float, tuple]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=SHUTDOWN_TIMEOUT + SLACK + 60, limits=limits) as http:
         deadline = time.monotonic() + 120
@@ -340,11 +361,11 @@ async def _drive_and_terminate(proc: subprocess.Popen, url: str) -> tuple[list[d
             out["outcome"] = "not started" if "not started" in message else "cut" if "cut after" in message else "?"
             return out
 
-        tasks = [asyncio.create_task(one(i)) for i in range(32)]
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
         deadline = time.monotonic() + 120
-        while True:  # every request in: 8 decoding, 24 queued
+        while True:  # every request in: `active` decoding, the rest queued
             stats = (await http.get("/stats")).json()
-            if stats["active"] == 8 and stats["waiting"] == 24:
+            if stats["active"] == active and stats["waiting"] == n - active:
                 break
             assert time.monotonic() < deadline, stats
             await asyncio.sleep(0.05)
@@ -357,5 +378,21 @@ async def _drive_and_terminate(proc: subprocess.Popen, url: str) -> tuple[list[d
             assert time.monotonic() - t_signal < SHUTDOWN_TIMEOUT, "no drain after SIGTERM"
             await asyncio.sleep(0.02)
         late = await http.post("/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 2})
+        if second_signal:
+            proc.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*tasks)
     return list(results), t_signal, (health, late)
+
+
+def test_new_flags_and_their_defaults() -> None:
+    import argparse
+
+    from qwerky.serve import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["d"])
+    assert (args.api_key, args.chat_template, args.max_tokens_limit, args.shutdown_timeout) == (None, None, 4096, 30)
+    args = parser.parse_args(["d", "--api-key", "k", "--chat-template", "t.jinja", "--max-tokens-limit", "9",
+                              "--shutdown-timeout", "2.5"])
+    assert (args.api_key, args.chat_template, args.max_tokens_limit, args.shutdown_timeout) == ("k", "t.jinja", 9, 2.5)

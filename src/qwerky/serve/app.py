@@ -155,6 +155,7 @@ class ServerState:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.shutdown_timeout = float(shutdown_timeout)
         self.draining = False
+        self.hurry = False  # a second signal during a drain: cut the active rows now instead of at the deadline
         self.inflight = 0  # HTTP requests inside the app (all but /health), so a drain knows when all are answered
         self.created = int(time.time())
         self.vocab_size = len(tokenizer)
@@ -179,15 +180,17 @@ class ServerState:
         queued = self.engine.drain("the server is shutting down")
         log.warning("shutting down: %d queued requests refused; waiting up to %g s for %d active (--shutdown-timeout)",
                     queued, timeout, self.engine.pending())
-        while self.engine.pending() and loop.time() < deadline:
+        while self.engine.pending() and loop.time() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         if self.engine.pending():
-            log.warning("shutting down: cutting %d active requests (--shutdown-timeout %g s)",
-                        self.engine.pending(), timeout)
-            self.engine.cut(f"the server is shutting down (--shutdown-timeout {timeout:g} s)")
+            why = "a second signal" if self.hurry else f"--shutdown-timeout {timeout:g} s"
+            log.warning("shutting down: cutting %d active requests (%s)", self.engine.pending(), why)
+            self.engine.cut(f"the server is shutting down ({why})")
         end = loop.time() + grace
         while (self.engine.pending() or self.inflight) and loop.time() < end:
             await asyncio.sleep(0.02)
+        log.warning("shutting down: drained in %.1f s%s", loop.time() - deadline + timeout,
+                    "" if not self.inflight else f", {self.inflight} responses still open")
 
 
 def model_context(engine: Engine) -> int | None:
@@ -743,7 +746,8 @@ def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str) -> Any:
     """A uvicorn.Server whose first SIGTERM/SIGINT drains the app (ServerState.drain) and then exits 0.
 
     uvicorn's own handling closes the listening socket and then waits, unbounded, for every open response,
-    so under load clients waited minutes and got nothing. A second signal exits at once.
+    so under load clients waited minutes and got nothing. A second signal cuts the active requests at once
+    (their clients still get a 503 or a final SSE error event); a third exits without waiting for anything.
     """
     import uvicorn
 
@@ -751,18 +755,20 @@ def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str) -> Any:
         def __init__(self, config: uvicorn.Config) -> None:
             super().__init__(config)
             self._loop: asyncio.AbstractEventLoop | None = None
-            self._drain_started = False
+            self._signals = 0
 
         async def serve(self, sockets: Any = None) -> None:
             self._loop = asyncio.get_running_loop()
             await super().serve(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # runs in the signal handler
-            if self._drain_started or self._loop is None or self.should_exit:
+            self._signals += 1
+            if self._loop is None or self._signals > 2:  # before startup, or the third: stop now
                 self.should_exit = self.force_exit = True
-                return
-            self._drain_started = True
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+            elif self._signals == 2:
+                app.state.qwerky.hurry = True
+            else:
+                self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
         async def _drain(self) -> None:
             try:
