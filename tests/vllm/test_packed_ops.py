@@ -57,27 +57,36 @@ OPS = {
 }
 
 
+@pytest.mark.parametrize("mode", ["packed", "loop"])
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_packed_batch_equals_each_sequence_alone(op: str) -> None:
+def test_packed_batch_equals_each_sequence_alone(op: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 decodes then 3 prefills (one continuing from its slot), run through `run_packed` with the mixer's
     op: each request's output and final state are those of the reference recurrence run on that request
-    alone; untouched slots stay; a padded slot id (-1) writes only to slot 0 (vLLM's null block)."""
+    alone; untouched slots stay; a padded slot id (-1) writes only to slot 0 (vLLM's null block). "packed":
+    the three prefills are one call of the op's varlen form; "loop": one call each."""
+    monkeypatch.setenv("QWERKY_VLLM_PREFILL", mode)
     fast, naive, make_inputs, scale = OPS[op]
     H, D = 2, 8
     N = sum(LENS)
     g = torch.Generator().manual_seed(0)
     inputs = make_inputs(N, H, D, g)
     state = torch.randn(7, H, D, D, generator=g) * 0.1
+    state[SLOTS[4]] = float("nan")  # a new request's slot may hold anything: it must start from zero
     before = state.clone()
+    prefill_calls = []
 
-    def step(xs, s0):
+    def step(xs, s0, cu_seqlens):
+        if xs[0].shape[1] > 1 or cu_seqlens is not None:
+            prefill_calls.append(None if cu_seqlens is None else cu_seqlens.tolist())
         o, s = fast(*xs, scale=scale, initial_state=None if s0 is None else s0[0], output_final_state=True,
-                    backend="torch")
+                    backend="torch", cu_seqlens=cu_seqlens)
         return o, [s]
 
     out = torch.zeros_like(inputs[-2] if op == "rwkv7" else inputs[2])
     batch = _batch()
     run_packed(step, inputs, [state], batch, out)
+    assert prefill_calls == ([[0, *torch.tensor(LENS[2:]).cumsum(0).tolist()]] if mode == "packed"
+                             else [None, None, None])
     qsl = batch.query_start_loc
     for i, (start, end, slot) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(), SLOTS)):
         s0 = before[slot][None] if INIT[i] else None
@@ -99,10 +108,42 @@ def test_rwkv7_packed_matches_run_packed() -> None:
     s2 = s1.clone()
     o1 = rwkv7_packed(*inputs, s1, _batch(), scale=8**-0.5, backend="torch")
     o2 = torch.zeros_like(o1)
-    run_packed(lambda xs, s0: (lambda o, s: (o, [s]))(*naive_recurrent_rwkv7(
-        *xs, scale=8**-0.5, initial_state=None if s0 is None else s0[0])), inputs, [s2], _batch(), o2)
+    run_packed(lambda xs, s0, cu: (lambda o, s: (o, [s]))(*naive_recurrent_rwkv7(
+        *xs, scale=8**-0.5, initial_state=None if s0 is None else s0[0])), inputs, [s2], _batch(), o2, varlen=False)
     torch.testing.assert_close(o1, o2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+
+
+VARLEN_LENS = [5, 70, 0, 1, 130, 64]  # not chunk multiples, an empty one, one of exactly a chunk
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_varlen_chunked_form_equals_each_sequence_alone(op: str) -> None:
+    """The chunked form with cu_seqlens (sequences packed along T, each from its own initial state) gives
+    each sequence's output and final state as the same form run on it alone; an empty sequence keeps its
+    initial state. This is what vLLM's packed prefill runs."""
+    fast, _, make_inputs, scale = OPS[op]
+    H, D = 3, 8
+    g = torch.Generator().manual_seed(3)
+    inputs = [x[None] for x in make_inputs(sum(VARLEN_LENS), H, D, g)]
+    s0 = torch.randn(len(VARLEN_LENS), H, D, D, generator=g) * 0.1
+    cu = torch.tensor([0, *torch.tensor(VARLEN_LENS).cumsum(0).tolist()])
+    o, s = fast(*inputs, scale=scale, initial_state=s0, backend="torch", cu_seqlens=cu)
+    assert s.shape == s0.shape
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if a == b:
+            torch.testing.assert_close(s[i], s0[i])
+            continue
+        o_i, s_i = fast(*(x[:, a:b] for x in inputs), scale=scale, initial_state=s0[i:i + 1], backend="torch")
+        torch.testing.assert_close(o[:, a:b], o_i, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s[i], s_i[0], atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_layout_rejects_offsets_that_do_not_cover_the_tokens() -> None:
+    from qwerky.modeling.ops_varlen import chunk_layout
+
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        chunk_layout(torch.tensor([0, 5, 3]), 64, 3)
 
 
 def test_token_shift_packed() -> None:

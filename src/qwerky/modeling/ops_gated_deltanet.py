@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .ops_varlen import chunk_layout, from_chunk_stream, matrix_update, segment_scan, to_chunk_stream
+
 __all__ = [
     "naive_recurrent_gated_delta_rule",
     "chunk_gated_delta_rule_torch",
@@ -95,7 +97,7 @@ def recurrent_step_gated_delta_rule(
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = 64, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked parallel form (WY / UT transform, one unit-triangular solve per chunk), exact up to fp32 rounding.
 
@@ -110,8 +112,11 @@ def chunk_gated_delta_rule_torch(
     of two large cumulative sums nor as exp(-c)), so it is <= 0 and nothing overflows; decays below fp32's
     range underflow to 0, as they do in the naive loop. Tested exact in fp32 for g in [-5, 0] with chunk 64.
     g > 0 (growth) is not supported.
+
+    cu_seqlens ([S + 1] token offsets, B == 1): S sequences packed along T in one pass (`ops_varlen`);
+    initial_state and the final state are then [S, H, K, V].
     """
-    _check(q, k, v, g, beta, initial_state)
+    _check(q, k, v, g, beta, None if cu_seqlens is not None else initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = v.dtype
@@ -119,7 +124,12 @@ def chunk_gated_delta_rule_torch(
     pad = (-T) % C
     xs = [x.float().transpose(1, 2) for x in (q, k, v)]  # (B, H, T, D)
     gb = [x.float().transpose(1, 2) for x in (g, beta)]  # (B, H, T)
-    if pad:  # padded steps: g = 0 (no decay), beta = 0 and k = 0 (no write) -> state and outputs unaffected
+    layout = None if cu_seqlens is None else chunk_layout(cu_seqlens, C, T)
+    if layout is not None:  # each sequence from a chunk boundary, zero steps (g = beta = k = 0) between
+        xs = [to_chunk_stream(x, layout, dim=2) for x in xs]
+        gb = [to_chunk_stream(x, layout, dim=2) for x in gb]
+        pad = layout.num_chunks * C - T
+    elif pad:  # padded steps: g = 0 (no decay), beta = 0 and k = 0 (no write) -> state and outputs unaffected
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
         gb = [F.pad(x, (0, pad)) for x in gb]
     N = (T + pad) // C
@@ -152,6 +162,13 @@ def chunk_gated_delta_rule_torch(
     Tn.diagonal(dim1=-2, dim2=-1).add_(gamma_last)
     En = torch.bmm(k_endT, U1)
 
+    if layout is not None:
+        s0 = q_.new_zeros(layout.num_seqs, H, K, V) if initial_state is None else initial_state
+        starts_v, finals = segment_scan(matrix_update,
+                                        Tn.view(H, N, K, K), En.view(H, N, K, V), s0, layout)
+        o = torch.baddbmm(R, Q, starts_v.reshape(M, K, V), beta=scale, alpha=scale)
+        o = from_chunk_stream(o.view(1, H, N * C, V), layout, dim=2).transpose(1, 2).to(dtype)
+        return o, (finals if output_final_state else None)
     S = q_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
     # unbind: backward stacks N gradients once (indexing Tn[:, n] would zero-fill a full Tn per chunk)
@@ -191,11 +208,12 @@ def fla_available() -> bool:
 def gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    backend: str = "auto",
+    backend: str = "auto", cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick the fastest correct form: fla Triton kernels on CUDA, else chunked (T > 1) or step (T == 1).
 
-    backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive".
+    backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive". cu_seqlens: sequences packed
+    along T (B == 1; states [S, H, K, V]), always the chunked form (fla's varlen kernel on CUDA).
     """
     T = q.shape[1]
     if backend == "auto":  # QWERKY_KERNELS=torch forces the PyTorch forms (e.g. while Triton cannot compile)
@@ -205,8 +223,9 @@ def gated_delta_rule(
         if not fla_available():
             raise RuntimeError("gated_deltanet: backend='fla' needs flash-linear-attention and triton "
                                "(pip install 'qwerky[gpu]') and a CUDA device")
-        _check(q, k, v, g, beta, initial_state)  # fla would accept grouped value heads (HV > H): we do not
-        fn = _FLA["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]  # type: ignore[index]
+        _check(q, k, v, g, beta, None if cu_seqlens is not None else initial_state)  # fla would accept HV > H
+        recurrent = T == 1 and not torch.is_grad_enabled() and cu_seqlens is None
+        fn = _FLA["recurrent" if recurrent else "chunk"]  # type: ignore[index]
         state = None if initial_state is None else initial_state.float()
         # under autocast q/k/v may arrive in different dtypes: the kernels want one; g and beta stay fp32 (as in
         # fla's own tests) so the log-decay keeps its precision through the kernels' cumulative sums
@@ -214,10 +233,15 @@ def gated_delta_rule(
         g, beta = g.float(), beta.float()
         # use_qk_l2norm_in_kernel, use_gate_in_kernel and use_beta_sigmoid_in_kernel default to False: q, k, g and
         # beta arrive final, as the PyTorch forms take them; state_v_first=False keeps the [K, V] state layout
-        return fn(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=output_final_state)
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.long()}
+        return fn(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=output_final_state,
+                  **extra)
     # the PyTorch forms run in fp32 whatever autocast says (triangular_solve has no bf16 kernel, and the
     # state recursion needs the precision); outputs come back in v's dtype
     with torch.autocast(q.device.type, enabled=False):
+        if cu_seqlens is not None:
+            return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                cu_seqlens=cu_seqlens)
         if backend == "naive" or T == 1:
             return naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -23,6 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .ops_varlen import chunk_layout, from_chunk_stream, segment_scan, to_chunk_stream
+
 __all__ = ["naive_recurrent_rwkv6", "chunk_rwkv6_torch", "recurrent_step_rwkv6", "rwkv6_attention", "fla_available"]
 
 
@@ -75,18 +77,25 @@ def recurrent_step_rwkv6(
 def chunk_rwkv6_torch(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    chunk_size: int = 16,
+    chunk_size: int = 16, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked parallel form. Decay factors are taken relative to the chunk's middle so that
-    exp(+-chunk_size * max|w| / 2) stays far from fp32 limits (RAD-RWKV6 clamps w >= -5)."""
-    _check(r, k, v, w, u, initial_state)
+    exp(+-chunk_size * max|w| / 2) stays far from fp32 limits (RAD-RWKV6 clamps w >= -5).
+
+    cu_seqlens ([S + 1] token offsets, B == 1): S sequences packed along T in one pass (`ops_varlen`);
+    initial_state and the final state are then [S, H, K, V]."""
+    _check(r, k, v, w, u, None if cu_seqlens is not None else initial_state)
     B, T, H, K = r.shape
     V = v.shape[-1]
     dtype = v.dtype
     C = chunk_size
     pad = (-T) % C
     xs = [x.float().transpose(1, 2) for x in (r, k, v, w)]  # (B, H, T, D)
-    if pad:
+    layout = None if cu_seqlens is None else chunk_layout(cu_seqlens, C, T)
+    if layout is not None:  # each sequence from a chunk boundary, zero steps between
+        xs = [to_chunk_stream(x, layout, dim=2) for x in xs]
+        pad = layout.num_chunks * C - T
+    elif pad:
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
     N = (T + pad) // C
     r_, k_, v_, w_ = (x.reshape(B, H, N, C, x.shape[-1]) for x in xs)
@@ -108,6 +117,13 @@ def chunk_rwkv6_torch(
     En = torch.bmm(k_end.transpose(-1, -2), v_)  # (M, K, V)
     decay_end = c_last.exp().transpose(-1, -2)  # (M, K, 1)
 
+    if layout is not None:
+        s0 = r_.new_zeros(layout.num_seqs, H, K, V) if initial_state is None else initial_state
+        starts_v, finals = segment_scan(lambda d_, E_, S_: torch.addcmul(E_, d_, S_), decay_end.view(H, N, K, 1),
+                                        En.view(H, N, K, V), s0, layout)
+        o = torch.baddbmm(intra, r_state, starts_v.reshape(M, K, V), beta=scale, alpha=scale)
+        o = from_chunk_stream(o.view(1, H, N * C, V), layout, dim=2).transpose(1, 2).to(dtype)
+        return o, (finals if output_final_state else None)
     S = r_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
     # unbind: backward stacks N gradients once (indexing En[:, n] would zero-fill a full En per chunk)
@@ -143,9 +159,10 @@ def fla_available() -> bool:
 def rwkv6_attention(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    backend: str = "auto",
+    backend: str = "auto", cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fla kernels on CUDA when installed; else chunked PyTorch (T > 1) or the step form (T == 1)."""
+    """fla kernels on CUDA when installed; else chunked PyTorch (T > 1) or the step form (T == 1).
+    cu_seqlens: sequences packed along T (B == 1; states [S, H, K, V]), always the chunked form."""
     T = r.shape[1]
     if backend == "auto":  # QWERKY_KERNELS=torch forces the PyTorch forms
         backend = os.environ.get("QWERKY_KERNELS", "auto")
@@ -154,12 +171,15 @@ def rwkv6_attention(
         if not fla:
             raise RuntimeError("rwkv6: backend='fla' needs flash-linear-attention and triton "
                                "(pip install 'qwerky[gpu]') and a CUDA device")
-        fn = fla["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]
+        fn = fla["recurrent" if (T == 1 and not torch.is_grad_enabled() and cu_seqlens is None) else "chunk"]
         state = None if initial_state is None else initial_state.float()
         k, v, w, u = (x.to(r.dtype) for x in (k, v, w, u))  # one dtype for the kernels (autocast mixes them)
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.long()}
         return fn(r, k, v, w, u, scale=scale, initial_state=state,  # type: ignore[operator]
-                  output_final_state=output_final_state)
+                  output_final_state=output_final_state, **extra)
     with torch.autocast(r.device.type, enabled=False):  # the PyTorch forms compute in fp32 under autocast too
+        if cu_seqlens is not None:
+            return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
         if backend == "naive" or T == 1:
             return naive_recurrent_rwkv6(r, k, v, w, u, scale, initial_state, output_final_state)
         return chunk_rwkv6_torch(r, k, v, w, u, scale, initial_state, output_final_state)

@@ -25,6 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .ops_varlen import chunk_layout, from_chunk_stream, matrix_update, segment_scan, to_chunk_stream
+
 __all__ = [
     "naive_recurrent_rwkv7",
     "chunk_rwkv7_torch",
@@ -81,7 +83,7 @@ def recurrent_step_rwkv7(
 def chunk_rwkv7_torch(
     r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = 64, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked parallel form (WY-style, one unit-triangular solve per chunk), exact up to fp32 rounding.
 
@@ -90,15 +92,22 @@ def chunk_rwkv7_torch(
     is a unit-lower-triangular system in u; outputs and the chunk-end state follow by matmuls, and the
     only sequential part is S_{n+1} = T_n S_n + E_n across chunks. Requires chunk_size * max|w| < ~80
     (RWKV-7's log-decay lies in [-0.61, 0], so 64 is safe in fp32).
+
+    cu_seqlens ([S + 1] token offsets, B == 1): S sequences packed along T in one pass (`ops_varlen`);
+    initial_state and the final state are then [S, H, K, V].
     """
-    _check(r, w, k, v, a, b, initial_state)
+    _check(r, w, k, v, a, b, None if cu_seqlens is not None else initial_state)
     B, T, H, K = r.shape
     V = v.shape[-1]
     dtype = v.dtype
     C = chunk_size
     pad = (-T) % C
     xs = [x.float().transpose(1, 2) for x in (r, w, k, v, a, b)]  # (B, H, T, D)
-    if pad:  # padded steps: no decay, no input -> the state passes through unchanged
+    layout = None if cu_seqlens is None else chunk_layout(cu_seqlens, C, T)
+    if layout is not None:  # each sequence from a chunk boundary, zero steps between
+        xs = [to_chunk_stream(x, layout, dim=2) for x in xs]
+        pad = layout.num_chunks * C - T
+    elif pad:  # padded steps: no decay, no input -> the state passes through unchanged
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
     N = (T + pad) // C
     M = B * H * N  # every chunk of every head is one matrix of a batched matmul
@@ -131,6 +140,13 @@ def chunk_rwkv7_torch(
     Tn.diagonal(dim1=-2, dim2=-1).add_(g_last.squeeze(-2))
     En = torch.baddbmm(torch.bmm(k_endT, v_), b_endT, M2)
 
+    if layout is not None:
+        s0 = r_.new_zeros(layout.num_seqs, H, K, V) if initial_state is None else initial_state
+        starts_v, finals = segment_scan(matrix_update,
+                                        Tn.view(H, N, K, K), En.view(H, N, K, V), s0, layout)
+        o = torch.baddbmm(R, Q, starts_v.reshape(M, K, V), beta=scale, alpha=scale)
+        o = from_chunk_stream(o.view(1, H, N * C, V), layout, dim=2).transpose(1, 2).to(dtype)
+        return o, (finals if output_final_state else None)
     S = r_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
     # unbind: backward stacks N gradients once (indexing Tn[:, n] would zero-fill a full Tn per chunk)
@@ -162,11 +178,12 @@ def fla_available() -> bool:
 def rwkv7_attention(
     r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = True,
-    backend: str = "auto",
+    backend: str = "auto", cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick the fastest correct form: fla Triton kernels on CUDA, else chunked (T > 1) or step (T == 1).
 
-    backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive".
+    backend: "auto", "fla", "torch" (chunked/step in PyTorch) or "naive". cu_seqlens: sequences packed
+    along T (B == 1; states [S, H, K, V]), always the chunked form (fla's varlen kernel on CUDA).
     """
     T = r.shape[1]
     if backend == "auto":  # QWERKY_KERNELS=torch forces the PyTorch forms (e.g. while Triton cannot compile)
@@ -176,16 +193,21 @@ def rwkv7_attention(
         if not fla_available():
             raise RuntimeError("rwkv7: backend='fla' needs flash-linear-attention and triton "
                                "(pip install 'qwerky[gpu]') and a CUDA device")
-        fn = _FLA["recurrent" if (T == 1 and not torch.is_grad_enabled()) else "chunk"]  # type: ignore[index]
+        recurrent = T == 1 and not torch.is_grad_enabled() and cu_seqlens is None
+        fn = _FLA["recurrent" if recurrent else "chunk"]  # type: ignore[index]
         state = None if initial_state is None else initial_state.float()
         # under autocast r/k/v arrive in bf16 while w/a/b may be fp32: the kernels want one dtype
         w, k, v, a, b = (x.to(r.dtype) for x in (w, k, v, a, b))
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.long()}
         o, s = fn(r, w, k, v, a, b, scale=scale, initial_state=state,  # type: ignore[operator]
-                  output_final_state=output_final_state)
+                  output_final_state=output_final_state, **extra)
         return o, s
     # the PyTorch forms run in fp32 whatever autocast says (triangular_solve has no bf16 kernel, and the
     # state recursion needs the precision); outputs come back in v's dtype
     with torch.autocast(r.device.type, enabled=False):
+        if cu_seqlens is not None:
+            return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state,
+                                     cu_seqlens=cu_seqlens)
         if backend == "naive" or T == 1:
             return naive_recurrent_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state)
         return chunk_rwkv7_torch(r, w, k, v, a, b, scale, initial_state, output_final_state)

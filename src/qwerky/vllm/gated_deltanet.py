@@ -42,9 +42,9 @@ class GatedDeltaNetLayer(StateLayer):
         return out, v_first
 
     def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
-        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None, cu_seqlens: torch.Tensor | None):
             o, s = gated_delta_rule(*xs, scale=1.0, initial_state=None if s0 is None else s0[0].float(),
-                                    output_final_state=True, backend=self.backend)
+                                    output_final_state=True, backend=self.backend, cu_seqlens=cu_seqlens)
             return o, [s]
 
         run_packed(step, inputs, [self.kv_cache[0]], batch, out)

@@ -6,11 +6,17 @@ giving each request's token range and a state-cache slot per request. The per-se
 cache tensors [num_slots, ...] owned by vLLM; these functions read each request's slot, run the mixer's
 recurrence (any `Step`: the mixer's own sequence op from qwerky.modeling) and write the slot back in
 place. Negative slot ids (padding rows of a CUDA-graph batch) are sent to slot 0, vLLM's null block.
+
+Prefills run as one packed pass: all prefilling requests of the step, their tokens contiguous after the
+decodes, go to the mixer's varlen form (`cu_seqlens`; `qwerky.modeling.ops_varlen` in PyTorch, fla's
+varlen kernels on CUDA), each from its slot's state or from zero. QWERKY_VLLM_PREFILL=loop runs them one
+request at a time instead (the reference the packed pass is tested and benchmarked against).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +24,19 @@ import torch
 
 from qwerky.modeling.ops_rwkv7 import rwkv7_attention
 
-# step(inputs [B, T, ...] each, initial states [B, ...] each or None) -> (output [B, T, ...], final states)
-Step = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor] | None], tuple[torch.Tensor, Sequence[torch.Tensor]]]
+# step(inputs [B, T, ...] each, initial states [B, ...] each or None, cu_seqlens or None) -> (output [B, T, ...],
+# final states). With cu_seqlens ([S + 1] token offsets): B == 1, S sequences packed along T, states [S, ...].
+Step = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor] | None, torch.Tensor | None],
+                tuple[torch.Tensor, Sequence[torch.Tensor]]]
+PREFILL_MODES = ("packed", "loop")
+
+
+def prefill_mode() -> str:
+    """How a step's prefills run: "packed" (one varlen pass, the default) or "loop" (QWERKY_VLLM_PREFILL=loop)."""
+    mode = os.environ.get("QWERKY_VLLM_PREFILL", "packed")
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"QWERKY_VLLM_PREFILL={mode!r}: expected one of {', '.join(PREFILL_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -47,22 +64,40 @@ class PackedBatch:
 
 
 def run_packed(step: Step, inputs: Sequence[torch.Tensor], states: Sequence[torch.Tensor], batch: PackedBatch,
-               out: torch.Tensor) -> None:
-    """Run `step` over a packed batch: all decodes as one batch of one-token sequences, then each prefill
-    alone (from its slot when it continues, from zero otherwise); writes `out[:num_tokens]` and the slots."""
-    nd = batch.num_decodes
+               out: torch.Tensor, varlen: bool = True) -> None:
+    """Run `step` over a packed batch: all decodes as one batch of one-token sequences, then the prefills
+    (each from its slot when it continues, from zero otherwise) as one varlen pass, or one at a time when
+    `step` has no varlen form (`varlen=False`) or QWERKY_VLLM_PREFILL=loop; writes `out[:num_tokens]` and
+    the slots."""
+    nd, npf = batch.num_decodes, batch.num_prefills
     if nd > 0:
         idx = batch.state_indices[:nd].long().clamp(min=0)
-        o, finals = step([x[:nd, None] for x in inputs], [s[idx] for s in states])
+        o, finals = step([x[:nd, None] for x in inputs], [s[idx] for s in states], None)
         out[:nd] = o[:, 0]
         for s, f in zip(states, finals):
             s[idx] = f.to(s.dtype)
+    if npf == 0:
+        return
+    if varlen and prefill_mode() == "packed":
+        qsl = batch.query_start_loc
+        start, end = int(qsl[nd]), batch.num_tokens
+        cu = qsl[nd:nd + npf + 1] - qsl[nd]
+        slots = batch.state_indices[nd:nd + npf].long().clamp(min=0)
+        initial = [s[slots] for s in states]
+        if batch.has_initial_state is not None:  # a new request starts from zero (its slot may hold anything)
+            keep = batch.has_initial_state.to(slots.device)
+            initial = [torch.where(keep.view(-1, *[1] * (s.dim() - 1)), s, torch.zeros_like(s)) for s in initial]
+        o, finals = step([x[None, start:end] for x in inputs], initial, cu)
+        out[start:end] = o[0]
+        for s, f in zip(states, finals):
+            s[slots] = f.to(s.dtype)
+        return
     for start, end, slot, continues in batch.prefills:
         if end <= start:
             continue
         slot = max(slot, 0)
         initial = [s[slot][None] for s in states] if continues else None
-        o, finals = step([x[None, start:end] for x in inputs], initial)
+        o, finals = step([x[None, start:end] for x in inputs], initial, None)
         out[start:end] = o[0]
         for s, f in zip(states, finals):
             s[slot] = f[0].to(s.dtype)
@@ -96,9 +131,9 @@ def rwkv7_packed(
     """RWKV-7 over a packed batch: r, w, k, a, b [N, H, K], v [N, H, V]; returns o [N, H, V] (v's dtype).
     state [num_slots, H, K, V] (fp32 normally) is read and written per request."""
 
-    def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+    def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None, cu_seqlens: torch.Tensor | None):
         o, s = rwkv7_attention(*xs, scale=scale, initial_state=None if s0 is None else s0[0].float(),
-                               output_final_state=True, backend=backend)
+                               output_final_state=True, backend=backend, cu_seqlens=cu_seqlens)
         return o, [s]
 
     o = v.new_zeros(v.shape)

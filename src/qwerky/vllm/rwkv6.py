@@ -52,11 +52,11 @@ class RWKV6TimeMix(StateLayer):
     def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
         bonus = torch.ones(self.num_heads, self.head_dim, dtype=torch.float32, device=out.device)
 
-        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None, cu_seqlens: torch.Tensor | None):
             r, k, v, w = xs
             o, s = rwkv6_attention(r, k, v, w, bonus, scale=self.head_dim**-0.5,
                                    initial_state=None if s0 is None else s0[0].float(), output_final_state=True,
-                                   backend=self.backend)
+                                   backend=self.backend, cu_seqlens=cu_seqlens)
             return o, [s]
 
         run_packed(step, inputs, [self.kv_cache[0]], batch, out)

@@ -102,7 +102,7 @@ class WindowTimeMix(RWKV7TimeMix):
         buffers = self.kv_cache[1:]
         names = CACHE_KEYS[:len(buffers)]
 
-        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None):
+        def step(xs: Sequence[torch.Tensor], s0: Sequence[torch.Tensor] | None, cu_seqlens: None):
             if s0 is None:  # a new request: empty window and sinks
                 cache = empty_cache(xs[0].shape[0], self.num_kv_heads, self.head_dim, self.window_size,
                                     self.num_sinks, buffers[0].dtype, buffers[0].device)
@@ -112,5 +112,7 @@ class WindowTimeMix(RWKV7TimeMix):
                                  cache=cache)
             return o, [cache[name] for name in names]
 
-        run_packed(step, (q, k, v, pos), buffers, batch, out[:, 0])
+        # the softmax part is qwerky's per-request window_attention over the ring (no varlen form): its
+        # prefills run one request at a time; the RWKV-7 branch above runs as one packed pass
+        run_packed(step, (q, k, v, pos), buffers, batch, out[:, 0], varlen=False)
 

@@ -1,0 +1,100 @@
+"""Variable-length batches for the chunked forms (`chunk_rwkv7_torch`, `chunk_rwkv6_torch`,
+`chunk_gated_delta_rule_torch`): several sequences packed into one [1, T, ...] stream with `cu_seqlens`
+(token offsets [S + 1], fla's convention), run as one pass instead of one call per sequence.
+
+Each sequence is laid out from a chunk boundary and padded to whole chunks with zero steps (the identity
+step of every one of these recurrences, as the chunked forms already pad), so every chunk holds the
+tokens it would hold if the sequence ran alone: the intra-chunk math of all sequences is one batched
+matmul, and only the chunk-to-chunk scan knows where sequences start and end (vectorised over sequences:
+as many steps as the longest sequence has chunks). Used by vLLM's packed prefill (qwerky.vllm.ops).
+
+This file is copied into every exported model folder: it must import nothing from qwerky.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ChunkLayout", "chunk_layout", "to_chunk_stream", "from_chunk_stream", "segment_scan", "matrix_update"]
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the tokens of a packed varlen batch sit in a chunk-aligned stream of `num_chunks` chunks."""
+
+    index: torch.Tensor  # [T] long: position of each packed token in the chunk-aligned stream
+    cu_chunks: tuple[int, ...]  # [S + 1] chunk offsets per sequence
+    chunk_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.cu_chunks[-1]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.cu_chunks) - 1
+
+
+def chunk_layout(cu_seqlens: torch.Tensor, chunk_size: int, total: int) -> ChunkLayout:
+    """The layout of sequences with token offsets `cu_seqlens` ([S + 1], starting at 0, ending at `total`)."""
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the {total} packed tokens, got {bounds}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    chunks = [-(-n // chunk_size) for n in lengths]
+    cu_chunks = [0]
+    for c in chunks:
+        cu_chunks.append(cu_chunks[-1] + c)
+    device = cu_seqlens.device
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                           torch.tensor(lengths, device=device))
+    shift = torch.tensor([c * chunk_size - s for c, s in zip(cu_chunks, bounds)], device=device)
+    index = torch.arange(total, device=device) + shift[seq_of_token] if total else seq_of_token
+    return ChunkLayout(index.long(), tuple(cu_chunks), chunk_size)
+
+
+def to_chunk_stream(x: torch.Tensor, layout: ChunkLayout, dim: int) -> torch.Tensor:
+    """x with the packed tokens along `dim` -> the chunk-aligned stream (zero steps between sequences)."""
+    shape = list(x.shape)
+    shape[dim] = layout.num_chunks * layout.chunk_size
+    return x.new_zeros(shape).index_copy_(dim, layout.index, x)
+
+
+def from_chunk_stream(x: torch.Tensor, layout: ChunkLayout, dim: int) -> torch.Tensor:
+    """The inverse of `to_chunk_stream` for outputs: the packed tokens' rows, padding dropped."""
+    return x.index_select(dim, layout.index)
+
+
+def segment_scan(
+    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    transition: torch.Tensor, increment: torch.Tensor, initial_state: torch.Tensor, layout: ChunkLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk-to-chunk scan S <- update(transition_n, increment_n, S) of each sequence from its own
+    initial state, all sequences at once. transition [H, N, ...] and increment [H, N, K, V] per chunk of the
+    stream (N = layout.num_chunks), initial_state [S, H, K, V]. Returns the state entering each chunk
+    [H, N, K, V] and each sequence's final state [S, H, K, V] (its initial state when it has no tokens)."""
+    state = initial_state.float().transpose(0, 1).clone()  # [H, S, K, V]
+    starts = increment.new_empty(increment.shape)
+    cu = layout.cu_chunks
+    counts = [b - a for a, b in zip(cu, cu[1:])]
+    device = increment.device
+    for j in range(max(counts, default=0)):
+        live = [i for i, c in enumerate(counts) if c > j]
+        if len(live) == len(counts):
+            seqs, ids = slice(None), torch.tensor([cu[i] + j for i in live], device=device)
+        else:
+            seqs = torch.tensor(live, device=device)
+            ids = torch.tensor([cu[i] + j for i in live], device=device)
+        s = state[:, seqs]
+        starts[:, ids] = s
+        state[:, seqs] = update(transition[:, ids], increment[:, ids], s)
+    return starts, state.transpose(0, 1)
+
+
+def matrix_update(transition: torch.Tensor, increment: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """S <- T S + E for [H, A, K, K] / [H, A, K, V] blocks (RWKV-7, gated delta rule), with the same
+    batched matmul as the chunked forms' own scan."""
+    return torch.baddbmm(increment.flatten(0, 1), transition.flatten(0, 1), state.flatten(0, 1)).view(state.shape)
