@@ -7,9 +7,11 @@ tracebacks are for bugs (set QWERKY_DEBUG=1 to see them for user errors too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from qwerky.errors import QwerkyError
@@ -43,13 +45,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
                      heldout=[Path(p) for p in args.heldout], stages=args.stages,
                      run_dir=Path(args.run_dir) if args.run_dir else None, resume=args.resume,
                      overwrite=args.overwrite, device=args.device, evaluate=not args.no_eval)
-    report = run_conversion(job)
+    with _print_notices():
+        report = run_conversion(job)
     if report:
-        from qwerky.train.pipeline import render_report_md
+        from qwerky.eval.report import render_report_md
 
         print(render_report_md(report))
         print(f"student written to {job.out}; run directory {job.run_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def _print_notices() -> Iterator[None]:
+    """Print the conversion's lines for the user (its `qwerky.notice` log) to stdout as `qwerky: ...`."""
+    from qwerky.train.pipeline import NOTICE_LOGGER
+
+    logger = logging.getLogger(NOTICE_LOGGER)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("qwerky: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""`qwerky report RUN_DIR`: one self-contained HTML page for a conversion run (images embedded as base64).
+"""A conversion's reports: report.md (written beside the student by `qwerky convert`) and `qwerky report
+RUN_DIR`, one self-contained HTML page for a run (images embedded as base64).
 
-It reads what a run leaves behind: log.jsonl (training loss per stage), report.json (quality table and
-stages) and longctx/ (results of `qwerky longctx` and their heatmaps). Anything missing or unreadable is
+The HTML page reads what a run leaves behind: log.jsonl (training loss per stage), report.json (quality table
+and stages) and longctx/ (results of `qwerky longctx` and their heatmaps). Anything missing or unreadable is
 named on the page instead of failing, so a report can be made of a half-finished run.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_report", "read_log"]
+__all__ = ["build_report", "read_log", "render_report_md"]
 
 
 def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -180,3 +181,111 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else run / "report.html"
     path.write_text(page)
     return path
+
+
+def render_report_md(report: dict[str, Any]) -> str:
+    """report.md of a conversion (its report.json as a dict): warnings, quality table (teacher, student, window
+    baseline), what each stage bought, the hybrid choice, the stage guard and per-stage costs."""
+    sections = (_md_header, _md_quality, _md_by_stage, _md_hybrid, _md_guard, _md_stages)
+    return "\n".join(line for section in sections for line in section(report))
+
+
+def _md_header(report: dict[str, Any]) -> list[str]:
+    lines = ["# qwerky conversion report", "", f"Teacher: `{report['teacher']}`  ", f"Student: `{report['out']}`  ",
+             f"Wall time: {report['wall_s']} s", ""]
+    tc = report.get("teacher_context")
+    if tc:
+        lines += [f"Teacher context: {tc['message']}.", ""]
+        lines += [f"**Warning:** {w}." for w in tc.get("warnings", [])] + ([""] if tc.get("warnings") else [])
+    g = report.get("guard") or {}
+    for e in (g.get("stages") or {}).values():
+        if e.get("regressed"):
+            lines += [f"**Warning:** {e['message']}", ""]
+    if g.get("kept") and report.get("stages") and g["kept"] != f"stage{report['stages'][-1]['stage']}":
+        lines += [f"Exported: the weights after {g['kept']} (train.keep={g['keep']}); the quality table is theirs.", ""]
+    return lines
+
+
+def _md_quality(report: dict[str, Any]) -> list[str]:
+    q = report.get("quality")
+    if not q:
+        return []
+    lines = ["## Held-out quality", "", "| model | perplexity | ppl / teacher | KL(teacher‖model) | top-1 agreement |",
+             "|---|---|---|---|---|"]
+    t_ppl = q.get("teacher", {}).get("ppl")
+    for name in ("teacher", "student", "baseline"):
+        m = q.get(name)
+        if not m:
+            continue
+        ratio = m["ppl"] / t_ppl if t_ppl else float("nan")
+        kl, agree = m.get("kl"), m.get("top1")
+        label = {"baseline": "window baseline (64 + 4 sinks)"}.get(name, name)
+        lines.append(f"| {label} | {m['ppl']:.3f} | {ratio:.3f} | "
+                     f"{'-' if kl is None else f'{kl:.4f}'} | {'-' if agree is None else f'{agree:.1%}'} |")
+    return [*lines, ""]
+
+
+def _md_by_stage(report: dict[str, Any]) -> list[str]:
+    by_stage = report.get("quality_by_stage") or {}
+    if not by_stage:
+        return []
+    lines = [f"## What each stage bought (at the common {report.get('data', {}).get('eval_seq_len', '')}-token "
+             "context)", "", "| after | student ppl / teacher | KL | top-1 agreement |", "|---|---|---|---|"]
+    for key, q in by_stage.items():
+        s, t = q.get("student", {}), q.get("teacher", {})
+        ratio = s.get("ppl", float("nan")) / t.get("ppl", float("nan"))
+        lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | {s.get('top1', float('nan')):.1%} |")
+    return [*lines, ""]
+
+
+def _md_hybrid(report: dict[str, Any]) -> list[str]:
+    hy = report.get("hybrid")
+    if not hy:
+        return []
+    lines = [f"## Hybrid: {hy['keep']} layers keep the teacher's attention ({hy['layers']})", ""]
+    for step in hy.get("greedy", []):
+        cands = ", ".join(f"{i}: {kl:.4f}" for i, kl in step["candidates"].items())
+        lines.append(f"- greedy step {len(step['layers'])}: keep layer {step['added']} (KL with each candidate "
+                     f"kept: {cands})")
+    lines += ["", "Cost of converting each layer alone after stage 1 (KL): "
+              + ", ".join(f"{i}: {c:.4f}" for i, c in enumerate(hy["costs"])), "",
+              f"| kept | auto (greedy): layers | KL | top-1 | one at a time: layers | KL | top-1 | "
+              f"random: layers | KL | top-1 | memory / sequence at {hy['memory_context']} |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(entry: dict[str, Any] | None) -> str:
+        return "- | - | -" if entry is None else f"{entry['layers']} | {entry['kl']:.4f} | {entry['top1']:.1%}"
+
+    for row in hy["curve"]:
+        ranked = row.get("ranked", row.get("auto"))  # reports written before the greedy choice
+        lines.append(f"| {row['keep']} | {cells(row.get('auto'))} | {cells(ranked)} | {cells(row['random'])} | "
+                     f"{row['memory_bytes_at_8k'] / 2**20:.2f} MiB |")
+    return [*lines, "", "(after stage 1, every other layer converted; measured on the teacher with hooks)", ""]
+
+
+def _md_guard(report: dict[str, Any]) -> list[str]:
+    stages = (report.get("guard") or {}).get("stages")
+    if not stages:
+        return []
+    lines = ["## Stage guard (each stage at its own training context: before -> after)", "",
+             "| stage | context | KL | top-1 agreement | verdict |", "|---|---|---|---|---|"]
+    for key, e in stages.items():
+        if "after" not in e:
+            continue
+        b, a = e["before"]["student"], e["after"]["student"]
+        verdict = ("worse: " if e["regressed"] else "") + e["action"]
+        lines.append(f"| {key} | {e['seq_len']} | {b['kl']:.4f} -> {a['kl']:.4f} | {b['top1']:.1%} -> "
+                     f"{a['top1']:.1%} | {verdict} |")
+    return [*lines, ""]
+
+
+def _md_stages(report: dict[str, Any]) -> list[str]:
+    if not report.get("stages"):
+        return []
+    lines = ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | GFLOP/s | peak RSS GiB | "
+             "final loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:  # GFLOP/s: train/flops.py; reports written before it have none
+        lines.append(f"| {s['stage']} | {s['name']} | {s['tokens']:,} | {s['seq_len']} | {s['wall_s']} | "
+                     f"{s['tokens_per_s']:,.0f} | {s.get('gflop_s', '-')} | {s.get('peak_rss_gib', '-')} | "
+                     f"{s['final_loss']:.4f} |")
+    return [*lines, ""]

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from .parallel import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +111,41 @@ class CheckpointManager:
             except Exception as err:  # noqa: BLE001 - an unreadable file is as bad as a corrupt one
                 log.warning("checkpoint %s unreadable (%s); using the previous one", path, err)
         return None
+
+
+def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Every weight of `model` as full CPU tensors (under FSDP2 a collective: every rank must call it)."""
+    if not info.enabled:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
+    """The inverse of `full_state_dict`, strict: every key of `model` must be in `state` and no other."""
+    if not info.enabled:
+        model.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of this process's own weights, taken before a stage so the guard can undo it. Under FSDP2
+    that is each rank's shards: no gather, and the copy costs host memory, not GPU memory."""
+    return {k: _local(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write a `snapshot` back in place (each rank its own shards)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            _local(v).copy_(saved[k])

@@ -7,7 +7,10 @@ directly). NCCL on CUDA, gloo on CPU (so a 2-process test runs anywhere).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,6 +104,51 @@ def shard_student(student: nn.Module, layers: nn.ModuleList, bf16: bool = False,
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     _shard_units(student.model, layers, student.get_input_embeddings(), student.lm_head, list(student.mixers),
                  policy, reshard)
+
+
+def apply_fsdp(student: nn.Module, teacher: nn.Module, info: DistInfo, precision: str) -> None:
+    """Shard teacher and student over the process group (FSDP2), in place; the student must own its weights
+    (`unshare_from_teacher`) first. On CUDA the student keeps fp32 master weights and computes in bf16
+    (unless precision is fp32)."""
+    from qwerky.modeling.modeling_qwerky import find_decoder_layers
+
+    t_layers = find_decoder_layers(getattr(teacher, teacher.base_model_prefix), teacher.config.num_hidden_layers)
+    if info.device.type == "cuda":
+        student.float()
+    shard_teacher(teacher, t_layers)
+    shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
+                  bf16=info.device.type == "cuda" and precision != "fp32")
+    if info.device.type == "cuda" and not fsdp_recomputes_chunked_head():
+        log.warning("FSDP2 on CUDA with torch %s is untested: on torch 2.11 an earlier version of this path "
+                    "failed on an H100 (docs/gpu.md); qwerky pins torch 2.13", torch.__version__)
+    log.info("FSDP2: teacher and student sharded over %d process(es) (%s)%s", info.world_size,
+             "nccl" if info.device.type == "cuda" else "gloo", ", forced by QWERKY_FSDP=1" if info.forced else "")
+
+
+def apply_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer of `model` (an HF base model) in its backward, or stop doing so; the one
+    place that switches it (the choice is per stage: pipeline's `layer_checkpointing`)."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    on_now = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name
+    if on_now if on_now is not None else model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    """The autocast context of a training step: bf16 when asked, or on CUDA by default; None: fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return None
+
+
+def main_first(info: DistInfo, fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0, then on the other ranks: for work whose result rank 0 leaves on disk (the token cache),
+    so the others only read it."""
+    result = fn() if info.is_main else None
+    barrier(info)
+    return result if info.is_main else fn()  # type: ignore[return-value]
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,18 +1,30 @@
 """The main job: teacher folder + text -> converted student folder + quality report.
 
-Order: validate every input (nothing is written before that), tokenise the data once (cached), stage 0
-surgery, the enabled stages with checkpoints, held-out evaluation against the teacher and the
-training-free window baseline, export, report.json + report.md. `resume=True` continues from the newest
-good checkpoint in the run directory: same weights, optimiser, schedule, data position and RNG.
+`run_conversion` validates every input (nothing is written before that) and runs a `Conversion`, whose
+phases are its methods, in this order:
+
+- `prepare`: tokenizer, teacher, the token cache (built once), the run directory and its log, the resumed
+  checkpoint if any, then the student: stage-0 surgery, its own copies of the weights it will train
+  (`unshare`), calibration, the output-scale fit, parallelism (FSDP2) applied by a function, held-out
+  windows, stage 0's evaluation and the teacher's effective context;
+- per stage (`run_stage`): `make_trainable`, `train`, `evaluate`, `guard_stage`, the hybrid choice after
+  stage 1, and a checkpoint at the stage's end;
+- `checkpoint`: the one payload builder, for mid-stage and stage-end checkpoints alike;
+- `finish`: export and report.json / report.md.
+
+The run's state lives on the object (`RunState` is the part a checkpoint carries); `resume=True` continues
+from the newest good checkpoint in the run directory: same weights, optimiser, schedule, data position and
+RNG. User-facing notices go to the `qwerky.notice` logger (the CLI prints them); report.md is rendered by
+`qwerky.eval.report`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,38 +34,48 @@ import torch
 
 from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache, heldout_windows
 from qwerky.data.sources import resolve_sources
+from qwerky.errors import QwerkyError
+from qwerky.eval.report import render_report_md
 from qwerky.plan import stage_needs_checkpointing
 from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unshare_from_teacher
-from qwerky.teacher import QwerkyError, check_model_dir, load_teacher, load_tokenizer
+from qwerky.teacher import check_model_dir, load_teacher, load_tokenizer
 
-from .checkpoint import CheckpointManager, atomic_write_bytes, atomic_write_json
+from .checkpoint import (
+    CheckpointManager,
+    atomic_write_bytes,
+    atomic_write_json,
+    full_state_dict,
+    load_full_state_dict,
+    restore,
+    snapshot,
+)
 from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import parse_keep_attention
 from .loop import JsonlLog, choose_threads, run_stage
 from .parallel import (
     DistInfo,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    autocast_for,
     barrier,
     cleanup,
     from_rank0,
     fsdp_recomputes_chunked_head,
     init_distributed,
+    main_first,
     reshard,
-    shard_student,
-    shard_teacher,
 )
 from .recipe import Recipe
-from .stages import (
-    STAGE_NAMES,
-    TeacherTaps,
-    add_mlp_lora,
-    make_step_fn,
-    merge_lora,
-    trainable_parameters,
-)
+from .stages import STAGE_NAMES, TeacherTaps, add_mlp_lora, make_step_fn, merge_lora, trainable_parameters
 from .warm_start import fit_output_scales
 
+__all__ = ["ConvertJob", "Conversion", "RunState", "validate_job", "run_conversion", "load_report",
+           "render_report_md", "NOTICE_LOGGER"]
+
 log = logging.getLogger(__name__)
+NOTICE_LOGGER = "qwerky.notice"  # lines meant for the user (the CLI prints them as "qwerky: ...")
+notice = logging.getLogger(NOTICE_LOGGER)
 
 
 @dataclass
@@ -101,322 +123,389 @@ def validate_job(job: ConvertJob) -> None:
         raise QwerkyError(f"output folder {job.out} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return None
-
-
-def _full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
-    if not info.enabled:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of this process's own weights, taken before a stage so the guard can undo it. Under FSDP2
-    that is each rank's shards: no gather, and the copy costs host memory, not GPU memory."""
-    return {k: _local(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _restore(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    """Write a `_snapshot` back in place (each rank its own shards)."""
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            _local(v).copy_(snapshot[k])
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
-    if not info.enabled:
-        model.load_state_dict(state, strict=True)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
 def run_conversion(job: ConvertJob) -> dict[str, Any]:
     """Run the whole conversion; returns the report dict (also written to report.json)."""
     validate_job(job)
-    recipe = job.recipe
     info = init_distributed(job.device)
     try:
-        return _run(job, recipe, info)
+        return Conversion(job, info).run()
     finally:
         cleanup(info)
 
 
-def _run(job: ConvertJob, recipe: Recipe, info: DistInfo) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    threads, why = choose_threads(recipe.train.threads)
-    log.info("CPU threads: %d (%s)", threads, why)
-    if info.is_main:
-        print(f"qwerky: {threads} CPU thread{'s' if threads > 1 else ''}: {why}", flush=True)
-    torch.manual_seed(recipe.train.seed)
-    assert job.run_dir is not None
-    run_dir = job.run_dir
-    tokenizer = load_tokenizer(job.teacher)
-    teacher = load_teacher(job.teacher, device=info.device)
-    training = sorted(s for s in job.stages if s > 0 and recipe.stage(s).enabled)
+@dataclass
+class RunState:
+    """What the run has done besides its weights: carried by every checkpoint, read back on resume."""
 
-    cache = None
-    if job.data:
-        cache_dir = job.cache_dir or run_dir / "token-cache"
-        if info.is_main:
-            cache = build_token_cache(job.data, tokenizer, cache_dir, heldout_paths=job.heldout or None,
-                                      heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
-                                      text_field=recipe.data.text_field)
-        barrier(info)
-        if not info.is_main:
-            cache = build_token_cache(job.data, tokenizer, cache_dir, heldout_paths=job.heldout or None,
-                                      heldout_fraction=recipe.data.heldout_fraction, seed=recipe.data.seed,
-                                      text_field=recipe.data.text_field)
+    summaries: list[dict[str, Any]] = field(default_factory=list)  # one per finished stage
+    evals: dict[str, Any] = field(default_factory=dict)  # held-out quality after each stage ("stage0", ...)
+    guard: dict[str, Any] = field(default_factory=dict)  # the stage guard's entry per stage
+    kept: str = "stage0"  # the stage whose weights the student holds (the guard may have undone later ones)
+    hybrid: dict[str, Any] | None = None  # the layers a hybrid keeps as attention, once chosen after stage 1
+    unshared_all: bool = False  # the student owns every weight (not only its mixers')
+    lora: int = 0  # rank of the MLP LoRA adapters in the student (0: none)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if job.overwrite and not job.resume and info.is_main:
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
-        manifest = run_dir / "checkpoints" / "manifest.json"
-        manifest.unlink(missing_ok=True)
-    barrier(info)
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
-    logger = JsonlLog(run_dir / "log.jsonl", info.is_main,
-                      run_dir / "tb" if recipe.train.tensorboard else None)
+    def to_payload(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    resume = ckpt.load_latest() if job.resume else None
-    if job.resume and resume is None:
-        raise QwerkyError(f"--resume: every checkpoint in {run_dir / 'checkpoints'} is corrupt or missing")
-    if resume is not None and resume.get("recipe") != recipe.to_dict():
-        raise QwerkyError("--resume: the recipe differs from the checkpointed run's (same --recipe and --set needed)")
-    keep_k = parse_keep_attention(recipe.student.keep_attention, teacher.config.num_hidden_layers)
-    if keep_k is not None and (info.enabled or 1 not in training):
-        raise QwerkyError("student.keep_attention=auto:K needs stage 1 (its cost ranking reads the trained mixers) "
-                          "and a single process (not torchrun)")
-    hybrid: dict[str, Any] | None = resume.get("hybrid") if resume else None
-    convert_kwargs = recipe.student.convert_kwargs()
-    if hybrid is not None:  # resumed after stage 1 chose the layers: the checkpoint holds that hybrid
-        convert_kwargs["attention_layers"] = hybrid["layers"]
-    student = convert_teacher(teacher, **convert_kwargs)
-    if info.enabled or training:
-        # mixers train from stage 1 on: give them their own copies of the teacher's q/k/v/o
-        unshare_from_teacher(student, teacher, modules=student.mixers)
-    if training and cache is not None:
-        # the same first rows of the training text on every rank, so every rank calibrates the same way
-        n_rows, row_len = 8, min(recipe.stage(min(training)).seq_len, len(cache.train) // 8)
-        sample = torch.from_numpy(np.asarray(cache.train[: n_rows * row_len]).astype(np.int64)).view(n_rows, row_len)
-        # (too little text for a sample is left to the batch loader, which names the problem)
-        if row_len >= 2 and (n := calibrate_mixers(student, sample)):
-            log.info("%d mixers calibrated on %d x %d tokens of the training text", n, n_rows, row_len)
-    if cache is not None and resume is None and recipe.student.fit_output_scale:
-        _fit_output_scales(student, teacher, cache, recipe.stage(min(training, default=1)).seq_len)
-    summaries: list[dict[str, Any]] = resume["summaries"] if resume else []
-    done = {s["stage"] for s in summaries}
-    lora = any(s >= 3 and recipe.stage(s).lora_rank > 0 for s in training)
-    unshared_all = False
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> RunState:
+        return cls(summaries=payload["summaries"], evals=payload.get("evals", {}), guard=dict(payload.get("guard", {})),
+                   kept=payload.get("kept", "stage0"), hybrid=payload.get("hybrid"),
+                   unshared_all=bool(payload.get("unshared_all")), lora=int(payload.get("lora") or 0))
 
-    if info.enabled and lora:
-        raise QwerkyError("stage3.lora_rank > 0 is for single-GPU runs; with torchrun/FSDP2 train full weights")
-    if info.enabled:
-        unshare_from_teacher(student, teacher)
-        unshared_all = True
-        from qwerky.modeling.modeling_qwerky import find_decoder_layers
 
-        t_layers = find_decoder_layers(getattr(teacher, teacher.base_model_prefix), teacher.config.num_hidden_layers)
-        if info.device.type == "cuda":
-            student.float()  # fp32 master weights; FSDP computes in bf16
-        shard_teacher(teacher, t_layers)
-        shard_student(student, find_decoder_layers(student.model, student.config.num_hidden_layers),
-                      bf16=info.device.type == "cuda" and recipe.train.precision != "fp32")
-        if info.device.type == "cuda" and not fsdp_recomputes_chunked_head():
-            log.warning("FSDP2 on CUDA with torch %s is untested: on torch 2.11 an earlier version of this path "
-                        "failed on an H100 (docs/gpu.md); qwerky pins torch 2.13", torch.__version__)
-        log.info("FSDP2: teacher and student sharded over %d process(es) (%s)%s", info.world_size,
-                 "nccl" if info.device.type == "cuda" else "gloo", ", forced by QWERKY_FSDP=1" if info.forced else "")
-    autocast = _autocast(recipe.train.precision, info.device)
-    ac = recipe.train.activation_checkpointing
-    use_ac = ac == "on" or (ac == "auto" and info.device.type == "cuda")
-    evals: dict[str, Any] = {}
-    windows = None
-    if cache is not None and len(cache.heldout) > recipe.data.eval_seq_len:
-        windows = heldout_windows(cache.heldout, recipe.data.eval_seq_len, recipe.data.eval_windows)
+@dataclass
+class StageGuard:
+    """What the guard keeps while a stage trains: the windows at its context and the weights from before it."""
 
-    if training and not info.enabled and info.device.type == "cuda":
-        unshare_from_teacher(student, teacher)  # the teacher is bf16 on GPU: train fp32 master weights
-        unshared_all = True
-        student.float()
-    if resume is not None:
-        if resume.get("lora"):
-            add_mlp_lora(student, resume["lora"])
-        if resume.get("unshared_all") and not unshared_all:
-            unshare_from_teacher(student, teacher)
-            unshared_all = True
-        _load_full_state_dict(student, resume["model"], info)
-        evals = resume.get("evals", {})
+    windows: torch.Tensor
+    saved: dict[str, torch.Tensor] | None
 
-    # Held-out evaluation is a collective under FSDP2: every rank runs it on the same windows (the sharded
-    # forward needs them all) and gets the same numbers, so every rank takes the same guard decisions.
-    if windows is not None and "stage0" not in evals and job.evaluate:
-        evals["stage0"] = _quality(teacher, student, windows, info)
-    # the stage guard (train/guard.py): each stage judged at its own context, before against after
-    guard: dict[str, Any] = dict(resume.get("guard", {})) if resume else {}
-    guard_on = windows is not None and job.evaluate
-    tolerance = GuardTolerance(recipe.train.guard_kl_tolerance, recipe.train.guard_top1_tolerance)
-    kept = resume.get("kept", "stage0") if resume else "stage0"
-    teacher_context = None
-    if guard_on:
-        teacher_context = from_rank0(_measure_teacher_context(teacher, cache, recipe, training), info)
 
-    checkpointed = None  # the base model whose layers are checkpointed now
-    for stage in training:
-        if stage in done:
-            continue
-        spec = _within_teacher_context(stage, recipe, teacher_context, info.is_main)
-        if stage >= 3 and not unshared_all:
-            unshare_from_teacher(student, teacher)
-            unshared_all = True
-        lora_rank = spec.lora_rank if stage >= 3 else 0
-        if lora_rank and not any("lora_" in n for n, _ in student.named_parameters()):
-            add_mlp_lora(student, lora_rank)
-        assert cache is not None
+class Conversion:
+    """One conversion run: its inputs, models, data and `RunState`, and its phases as methods (module doc)."""
+
+    def __init__(self, job: ConvertJob, info: DistInfo) -> None:
+        assert job.run_dir is not None
+        self.job, self.recipe, self.info, self.run_dir = job, job.recipe, info, job.run_dir
+        self.training = sorted(s for s in job.stages if s > 0 and self.recipe.stage(s).enabled)
+        self.state = RunState()
+        self.t_start = time.perf_counter()
+        self.resume: dict[str, Any] | None = None  # the checkpoint resumed from
+        self.cache: Any = None
+        self.windows: torch.Tensor | None = None  # held-out windows at the common evaluation context
+        self.teacher_context: dict[str, Any] | None = None
+        self.keep_k: int | None = None
+
+    # --- the whole run -------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.prepare()
+        done = {s["stage"] for s in self.state.summaries}
+        for stage in self.training:
+            if stage not in done:
+                self.run_stage(stage)
+        return self.finish()
+
+    @property
+    def guard_on(self) -> bool:
+        return self.windows is not None and self.job.evaluate
+
+    def say(self, message: str, level: int = logging.INFO) -> None:
+        """A line for the user: the notice logger on rank 0 (the CLI prints it), the module log elsewhere."""
+        (notice if self.info.is_main else log).log(level, "%s", message)
+
+    # --- prepare -------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        threads, why = choose_threads(self.recipe.train.threads)
+        self.say(f"{threads} CPU thread{'s' if threads > 1 else ''}: {why}")
+        torch.manual_seed(self.recipe.train.seed)
+        self.tokenizer = load_tokenizer(self.job.teacher)
+        self.teacher = load_teacher(self.job.teacher, device=self.info.device)
+        self.cache = self.token_cache()
+        self.open_run_dir()
+        self.load_resume()
+        self.build_student()
+        if self.cache is not None and len(self.cache.heldout) > self.recipe.data.eval_seq_len:
+            self.windows = heldout_windows(self.cache.heldout, self.recipe.data.eval_seq_len,
+                                           self.recipe.data.eval_windows)
+        if self.resume is not None:
+            self.load_weights(self.resume["model"])
+        # Held-out evaluation is a collective under FSDP2: every rank runs it on the same windows (the sharded
+        # forward needs them all) and gets the same numbers, so every rank takes the same guard decisions.
+        if self.windows is not None and "stage0" not in self.state.evals and self.job.evaluate:
+            self.state.evals["stage0"] = _quality(self.teacher, self.student, self.windows, self.info)
+        if self.guard_on:
+            self.teacher_context = from_rank0(
+                _measure_teacher_context(self.teacher, self.cache, self.recipe, self.training), self.info)
+
+    def token_cache(self) -> Any:
+        """The tokenised text (None without --data): rank 0 builds it, the other ranks then read it."""
+        if not self.job.data:
+            return None
+        data = self.recipe.data
+        return main_first(self.info, lambda: build_token_cache(
+            self.job.data, self.tokenizer, self.job.cache_dir or self.run_dir / "token-cache",
+            heldout_paths=self.job.heldout or None, heldout_fraction=data.heldout_fraction, seed=data.seed,
+            text_field=data.text_field))
+
+    def open_run_dir(self) -> None:
+        """The run directory, its checkpoints and its step log (an --overwrite run starts both afresh)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.job.overwrite and not self.job.resume and self.info.is_main:
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "checkpoints" / "manifest.json").unlink(missing_ok=True)
+        barrier(self.info)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=self.recipe.train.keep_checkpoints)
+        self.logger = JsonlLog(self.run_dir / "log.jsonl", self.info.is_main,
+                               self.run_dir / "tb" if self.recipe.train.tensorboard else None)
+
+    def load_resume(self) -> None:
+        """With --resume: the newest good checkpoint and the run state it carries; checks what resuming needs."""
+        if self.job.resume:
+            self.resume = self.ckpt.load_latest()
+            if self.resume is None:
+                raise QwerkyError(f"--resume: every checkpoint in {self.run_dir / 'checkpoints'} is corrupt or "
+                                  "missing")
+            if self.resume.get("recipe") != self.recipe.to_dict():
+                raise QwerkyError("--resume: the recipe differs from the checkpointed run's (same --recipe and --set "
+                                  "needed)")
+            self.state = RunState.from_payload(self.resume)
+        self.keep_k = parse_keep_attention(self.recipe.student.keep_attention, self.teacher.config.num_hidden_layers)
+        if self.keep_k is not None and (self.info.enabled or 1 not in self.training):
+            raise QwerkyError("student.keep_attention=auto:K needs stage 1 (its cost ranking reads the trained "
+                              "mixers) and a single process (not torchrun)")
+        if self.info.enabled and any(s >= 3 and self.recipe.stage(s).lora_rank > 0 for s in self.training):
+            raise QwerkyError("stage3.lora_rank > 0 is for single-GPU runs; with torchrun/FSDP2 train full weights")
+
+    def build_student(self) -> None:
+        """Stage 0: surgery, the student's own copies of what it trains, calibration and the output-scale fit
+        on the first rows of the training text, then parallelism and precision."""
+        kwargs = self.recipe.student.convert_kwargs()
+        if self.state.hybrid is not None:  # resumed after stage 1 chose the layers: the checkpoint holds that hybrid
+            kwargs["attention_layers"] = self.state.hybrid["layers"]
+        self.student = convert_teacher(self.teacher, **kwargs)
+        self.owns = ""  # what of the teacher's weights this student has its own copies of: "", "mixers", "all"
+        self.unshare()
+        if self.training and self.cache is not None:
+            first = self.recipe.stage(min(self.training)).seq_len
+            # the same first rows on every rank, so every rank calibrates the same way (too little text for a
+            # sample is left to the batch loader, which names the problem)
+            sample = _first_rows(self.cache, 8, first)
+            if sample is not None and (n := calibrate_mixers(self.student, sample)):
+                log.info("%d mixers calibrated on %d x %d tokens of the training text", n, *sample.shape)
+        if self.cache is not None and self.resume is None and self.recipe.student.fit_output_scale:
+            _fit_output_scales(self.student, self.teacher, self.cache,
+                               self.recipe.stage(min(self.training, default=1)).seq_len)
+        if self.info.enabled:
+            apply_fsdp(self.student, self.teacher, self.info, self.recipe.train.precision)
+        elif self.training and self.info.device.type == "cuda":
+            self.student.float()  # the teacher is bf16 on GPU: train fp32 master weights
+        if self.state.lora:
+            add_mlp_lora(self.student, self.state.lora)
+
+    def unshare(self, stage: int = 0) -> None:
+        """Give the student its own copies of the teacher's tensors it will train (the one place that decides):
+        the mixers' from stage 1 on; every weight from stage 3 on, under FSDP2 (shards are per model) and on
+        CUDA (fp32 master weights over a bf16 teacher). Idempotent."""
+        everything = (stage >= 3 or self.state.unshared_all or self.info.enabled
+                      or (bool(self.training) and self.info.device.type == "cuda"))
+        level = "all" if everything else "mixers" if self.training else ""
+        if level and level != self.owns and self.owns != "all":
+            unshare_from_teacher(self.student, self.teacher, modules=None if level == "all" else self.student.mixers)
+            self.owns = level
+        self.state.unshared_all = self.owns == "all"
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        load_full_state_dict(self.student, state, self.info)
+
+    # --- one stage -----------------------------------------------------------------------------------------
+
+    def run_stage(self, stage: int) -> None:
+        spec = _within_teacher_context(stage, self.recipe, self.teacher_context, self.say)
+        params = self.make_trainable(stage, spec)
+        resumed = self.resume["stage_state"] if self.resume is not None and self.resume.get("stage") == stage else None
+        guard = self.guard_before(stage, spec, mid_stage=resumed is not None)
+        summary = self.train(stage, spec, params, resumed)
+        self.state.summaries.append(summary)
+        self.evaluate(stage)
+        self.state.kept = f"stage{stage}"
+        if guard is not None:
+            self.guard_stage(stage, guard)
+        if stage == 1 and self.keep_k is not None and self.state.hybrid is None:
+            self.choose_hybrid()
+        self.checkpoint(stage + 1, None, tag=f"stage{stage}-done")
+
+    def make_trainable(self, stage: int, spec: Any) -> list[torch.nn.Parameter]:
+        """The stage's trainable parameters (requires_grad set): own copies first, LoRA adapters when asked."""
+        self.unshare(stage)
+        rank = spec.lora_rank if stage >= 3 else 0
+        if rank and not self.state.lora:
+            add_mlp_lora(self.student, rank)
+            self.state.lora = rank
+        return trainable_parameters(stage, self.student, spec)
+
+    def layer_checkpointing(self, stage: int, spec: Any) -> bool:
+        """Whether this stage recomputes the student's decoder layers in backward (train.activation_checkpointing:
+        on; off; auto = on CUDA, and on a CPU when plan's activation estimate exceeds a quarter of RAM). Stage 1
+        bounds its memory per mixer (stages.Stage1), never per layer: under FSDP2 its loss reads each mixer's
+        output, not its layer's, so the layer's unit would never be unsharded before its recomputation."""
+        mode = self.recipe.train.activation_checkpointing
+        if stage == 1 or mode == "off":
+            return False
+        if mode == "auto" and self.info.device.type == "cpu":
+            on, why = stage_needs_checkpointing(self.student.config, stage, spec)
+            log.info("stage %d: activation checkpointing %s (auto: %s)", stage, "on" if on else "off", why)
+            return on
+        return True
+
+    def train(self, stage: int, spec: Any, params: list[torch.nn.Parameter],
+              resumed: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train one stage to its token budget (loop.run_stage); returns its summary."""
+        recipe, info = self.recipe, self.info
         recall = (RecallRows(recipe.data.recall_fraction, recipe.data.recall_min_gap, spec.seq_len,
                              seed=recipe.data.seed + stage) if recipe.data.recall_fraction else None)
-        batches = PackedBatches(cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
+        batches = PackedBatches(self.cache.train, spec.seq_len, spec.batch_size, seed=recipe.data.seed + stage,
                                 rank=info.rank, world_size=info.world_size, recall=recall)
-        params = trainable_parameters(stage, student, spec)
-        # Stage 1 bounds its memory per mixer (stages.Stage1), never per layer: under FSDP2 the loss reads
-        # each mixer's output, not its layer's, so the layer's unit would never be unsharded before its
-        # recomputation.
-        stage_ac = use_ac and stage > 1
-        if ac == "auto" and stage > 1 and info.device.type == "cpu":
-            stage_ac, why = stage_needs_checkpointing(student.config, stage, spec)
-            log.info("stage %d: activation checkpointing %s (auto: %s)", stage, "on" if stage_ac else "off", why)
-        if stage_ac:
-            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            checkpointed = student.model
-        elif checkpointed is student.model:
-            student.model.gradient_checkpointing_disable()
-        student.train()
-        taps = TeacherTaps(teacher) if stage == 1 else None
-        stage_resume = resume["stage_state"] if resume is not None and resume.get("stage") == stage else None
-        own_windows, snapshot = None, None
-        if guard_on:
-            own_windows = _stage_windows(cache.heldout, spec.seq_len, recipe, windows)
-            entry = guard.setdefault(f"stage{stage}", {"seq_len": int(own_windows.shape[1]), "starts_from": kept})
-            if "before" not in entry:  # a resumed stage keeps the judgement of the model it started from
-                entry["before"] = _quality(teacher, student, own_windows, info, baseline=False)
-            if recipe.train.keep == "best" and stage_resume is None:
-                snapshot = _snapshot(student)
-
-        def save(payload: dict[str, Any], stage: int = stage, unshared_all: bool = unshared_all,
-                 lora_rank: int = lora_rank, kept: str = kept, student: Any = student,
-                 hybrid: dict[str, Any] | None = hybrid) -> None:
-            model_state = _full_state_dict(student, info)
-            if info.is_main:
-                ckpt.save({"stage": stage, "stage_state": payload, "model": model_state, "summaries": summaries,
-                           "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                           "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept,
-                           "hybrid": hybrid}, tag=f"stage{stage}-step{payload['step']:08d}")
-            barrier(info)
-
+        layers_ac = self.layer_checkpointing(stage, spec)
+        apply_activation_checkpointing(self.student.model, layers_ac)
+        self.student.train()
+        taps = TeacherTaps(self.teacher) if stage == 1 else None
+        recompute = recipe.train.activation_checkpointing != "off"
         try:
-            recompute = ac != "off"
-            step_fn = make_step_fn(stage, spec, student, teacher, taps, autocast, recompute=recompute)
+            step_fn = make_step_fn(stage, spec, self.student, self.teacher, taps,
+                                   autocast_for(recipe.train.precision, info.device), recompute=recompute)
             head_recomputed = (spec.loss == "ce" or info.enabled) and (
                 not info.enabled or fsdp_recomputes_chunked_head())
-            flops = FlopModel.from_models(teacher, student).step_flops(
-                stage, spec.seq_len, spec.loss, lora=lora_rank > 0, recompute_layers=stage_ac,
+            flops = FlopModel.from_models(self.teacher, self.student).step_flops(
+                stage, spec.seq_len, spec.loss, lora=stage >= 3 and spec.lora_rank > 0, recompute_layers=layers_ac,
                 recompute_head=head_recomputed, recompute_mixers=info.enabled and recompute,
                 stage1_student_forward=info.enabled)
-            summary = run_stage(stage, spec, params, step_fn, batches, info, logger, save,
-                                recipe.train.checkpoint_every, stage_resume, STAGE_NAMES[stage],
-                                flops_per_token=flops["total"],
-                                checkpoint_minutes=recipe.train.checkpoint_minutes)
+            summary = run_stage(stage, spec, params, step_fn, batches, info, self.logger,
+                                lambda payload: self.checkpoint(stage, payload,
+                                                                tag=f"stage{stage}-step{payload['step']:08d}"),
+                                recipe.train.checkpoint_every, resumed, STAGE_NAMES[stage],
+                                flops_per_token=flops["total"], checkpoint_minutes=recipe.train.checkpoint_minutes)
         finally:
             if taps is not None:
                 taps.remove()
-        student.eval()
-        summary["name"] = STAGE_NAMES[stage]
-        summary["seq_len"] = spec.seq_len
-        summaries.append(summary)
-        if windows is not None and job.evaluate:
-            evals[f"stage{stage}"] = _quality(teacher, student, windows, info)
-        kept = f"stage{stage}"
-        if own_windows is not None:
-            entry = guard[f"stage{stage}"]
-            entry["after"] = (evals[kept] if own_windows is windows
-                              else _quality(teacher, student, own_windows, info, baseline=False))
-            verdict = judge(entry["before"]["student"], entry["after"]["student"], tolerance)
-            verdict = from_rank0(verdict, info)
-            undo, action = decide(stage, verdict, recipe.train.keep, snapshot is not None)
-            if undo:
-                _restore(student, snapshot)
-                kept = entry["starts_from"]
-                action = f"undone: the weights from before it are kept (train.keep=best, {kept})"
-            entry.update(verdict, action=action, message=describe(stage, entry["seq_len"], verdict, action))
-            (log.warning if verdict["regressed"] else log.info)("stage guard: %s", entry["message"])
-            if verdict["regressed"] and info.is_main:
-                print(f"qwerky: warning: {entry['message']}", flush=True)
-        snapshot = None
-        if stage == 1 and keep_k is not None and hybrid is None:
-            if windows is None:
-                raise QwerkyError("student.keep_attention=auto:K ranks layers on held-out text: pass --heldout "
-                                  "or more --data (and leave evaluation on)")
-            hybrid = _choose_hybrid(teacher, student, windows, keep_k, recipe.train.seed)
-            student = _rebuild_as_hybrid(student, teacher, recipe, hybrid["layers"])
-            log.info("hybrid: layers %s keep the teacher's attention (greedy steps %s; one-at-a-time costs %s)",
-                     hybrid["layers"], [(g["added"], round(g["kl"], 4)) for g in hybrid["greedy"]],
-                     [round(c, 4) for c in hybrid["costs"]])
-            print(f"qwerky: hybrid: keeping layers {hybrid['layers']} as attention (chosen greedily on held-out "
-                  "KL after stage 1)", flush=True)
-        model_state = _full_state_dict(student, info)
-        if info.is_main:
-            ckpt.save({"stage": stage + 1, "stage_state": None, "model": model_state, "summaries": summaries,
-                       "recipe": recipe.to_dict(), "evals": evals, "unshared_all": unshared_all,
-                       "lora": lora_rank or (resume or {}).get("lora", 0), "guard": guard, "kept": kept,
-                       "hybrid": hybrid}, tag=f"stage{stage}-done")
-        barrier(info)
+        self.student.eval()
+        return {**summary, "name": STAGE_NAMES[stage], "seq_len": spec.seq_len}
 
-    report: dict[str, Any] = {}
-    final_state = _full_state_dict(student, info) if info.enabled else None  # a collective: every rank
-    if info.is_main:
-        export_model = student
-        if info.enabled:
-            export_model = convert_teacher(load_teacher(job.teacher), **recipe.student.convert_kwargs())
-            unshare_from_teacher(export_model, teacher)
-            if lora:
-                add_mlp_lora(export_model, max(recipe.stage(s).lora_rank for s in training if s >= 3))
-            export_model.load_state_dict(final_state)
-        if any("lora_" in n for n, _ in export_model.named_parameters()):
-            merge_lora(export_model)
-        quality = evals.get(kept if guard_on else f"stage{training[-1]}" if training else "stage0")
-        report = {
-            "teacher": str(job.teacher), "out": str(job.out), "recipe": recipe.to_dict(),
-            "stages": summaries, "quality": quality, "quality_by_stage": evals,
-            "teacher_context": teacher_context, "hybrid": hybrid,
-            "guard": {"keep": recipe.train.keep, "kept": kept if guard_on else None,
+    def evaluate(self, stage: int) -> None:
+        """Held-out quality after the stage at the common context (with the window baseline)."""
+        if self.windows is not None and self.job.evaluate:
+            self.state.evals[f"stage{stage}"] = _quality(self.teacher, self.student, self.windows, self.info)
+
+    def guard_before(self, stage: int, spec: Any, mid_stage: bool) -> StageGuard | None:
+        """The guard's view of the model a stage starts from (train/guard.py): its quality at the stage's own
+        context and, with train.keep=best, its weights (gone when the stage is resumed mid-way)."""
+        if not self.guard_on:
+            return None
+        assert self.windows is not None
+        windows = _stage_windows(self.cache.heldout, spec.seq_len, self.recipe, self.windows)
+        entry = self.state.guard.setdefault(f"stage{stage}", {"seq_len": int(windows.shape[1]),
+                                                              "starts_from": self.state.kept})
+        if "before" not in entry:  # a resumed stage keeps the judgement of the model it started from
+            entry["before"] = _quality(self.teacher, self.student, windows, self.info, baseline=False)
+        saved = snapshot(self.student) if self.recipe.train.keep == "best" and not mid_stage else None
+        return StageGuard(windows, saved)
+
+    def guard_stage(self, stage: int, guard: StageGuard) -> None:
+        """Judge the stage, before against after at its own context; undo it when it made the student worse
+        (train.keep=best), or warn."""
+        key = f"stage{stage}"
+        entry = self.state.guard[key]
+        entry["after"] = (self.state.evals[key] if guard.windows is self.windows
+                          else _quality(self.teacher, self.student, guard.windows, self.info, baseline=False))
+        verdict = from_rank0(judge(entry["before"]["student"], entry["after"]["student"],
+                                   GuardTolerance(self.recipe.train.guard_kl_tolerance,
+                                                  self.recipe.train.guard_top1_tolerance)), self.info)
+        undo, action = decide(stage, verdict, self.recipe.train.keep, guard.saved is not None)
+        if undo:
+            assert guard.saved is not None
+            restore(self.student, guard.saved)
+            self.state.kept = entry["starts_from"]
+            action = f"undone: the weights from before it are kept (train.keep=best, {self.state.kept})"
+        entry.update(verdict, action=action, message=describe(stage, entry["seq_len"], verdict, action))
+        if verdict["regressed"]:
+            self.say(f"warning: {entry['message']}", logging.WARNING)
+        else:
+            log.info("stage guard: %s", entry["message"])
+
+    def choose_hybrid(self) -> None:
+        """After stage 1: the layers to keep as attention (greedy on held-out KL); the student is rebuilt."""
+        if self.windows is None:
+            raise QwerkyError("student.keep_attention=auto:K ranks layers on held-out text: pass --heldout "
+                              "or more --data (and leave evaluation on)")
+        assert self.keep_k is not None
+        hybrid = _choose_hybrid(self.teacher, self.student, self.windows, self.keep_k, self.recipe.train.seed)
+        self.state.hybrid = hybrid
+        self.student = _rebuild_as_hybrid(self.student, self.teacher, self.recipe, hybrid["layers"])
+        self.owns = "mixers"
+        self.unshare(1)
+        log.info("hybrid: layers %s keep the teacher's attention (greedy steps %s; one-at-a-time costs %s)",
+                 hybrid["layers"], [(g["added"], round(g["kl"], 4)) for g in hybrid["greedy"]],
+                 [round(c, 4) for c in hybrid["costs"]])
+        self.say(f"hybrid: keeping layers {hybrid['layers']} as attention (chosen greedily on held-out KL after "
+                 "stage 1)")
+
+    # --- checkpoint ----------------------------------------------------------------------------------------
+
+    def checkpoint_payload(self, stage: int, stage_state: dict[str, Any] | None,
+                           model: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The one checkpoint format: the stage to continue (with the loop's state when mid-stage), the weights,
+        the recipe (resume checks it) and the run state."""
+        return {"stage": stage, "stage_state": stage_state, "model": model, "recipe": self.recipe.to_dict(),
+                **self.state.to_payload()}
+
+    def checkpoint(self, stage: int, stage_state: dict[str, Any] | None, tag: str) -> None:
+        """Write a checkpoint (rank 0; gathering the weights is a collective under FSDP2)."""
+        model = full_state_dict(self.student, self.info)
+        if self.info.is_main:
+            self.ckpt.save(self.checkpoint_payload(stage, stage_state, model), tag=tag)
+        barrier(self.info)
+
+    # --- finish --------------------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Export the student (LoRA merged) with report.json / report.md; returns the report (rank 0)."""
+        final_state = full_state_dict(self.student, self.info) if self.info.enabled else None  # every rank
+        report: dict[str, Any] = {}
+        if self.info.is_main:
+            model = self.export_model(final_state)
+            report = self.report()
+            md = render_report_md(report)
+            save_student(model, self.tokenizer, self.job.out, extra_files={"report.json": report, "report.md": md})
+            atomic_write_json(self.run_dir / "report.json", report)
+            atomic_write_bytes(self.run_dir / "report.md", md.encode())
+        barrier(self.info)
+        return report
+
+    def export_model(self, final_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """The model to save: the student itself, or under FSDP2 an unsharded one holding the gathered weights."""
+        model = self.student
+        if self.info.enabled:
+            assert final_state is not None
+            model = convert_teacher(load_teacher(self.job.teacher), **self.recipe.student.convert_kwargs())
+            unshare_from_teacher(model, self.teacher)
+            model.load_state_dict(final_state)
+        if any("lora_" in n for n, _ in model.named_parameters()):
+            merge_lora(model)
+        return model
+
+    def report(self) -> dict[str, Any]:
+        recipe, state, cache, windows, info = self.recipe, self.state, self.cache, self.windows, self.info
+        tolerance = GuardTolerance(recipe.train.guard_kl_tolerance, recipe.train.guard_top1_tolerance)
+        last = f"stage{self.training[-1]}" if self.training else "stage0"
+        return {
+            "teacher": str(self.job.teacher), "out": str(self.job.out), "recipe": recipe.to_dict(),
+            "stages": state.summaries, "quality": state.evals.get(state.kept if self.guard_on else last),
+            "quality_by_stage": state.evals, "teacher_context": self.teacher_context, "hybrid": state.hybrid,
+            "guard": {"keep": recipe.train.keep, "kept": state.kept if self.guard_on else None,
                       "tolerance": {"kl_relative": tolerance.kl_relative, "top1_points": tolerance.top1_points},
-                      "stages": guard},
+                      "stages": state.guard},
             "data": {"train_tokens": int(len(cache.train)) if cache is not None else 0,
                      "heldout_tokens": int(len(cache.heldout)) if cache is not None else 0,
                      "eval_windows": int(windows.shape[0]) if windows is not None else 0,
                      "eval_seq_len": recipe.data.eval_seq_len},
-            "wall_s": round(time.perf_counter() - t_start, 1),
+            "wall_s": round(time.perf_counter() - self.t_start, 1),
             "parallel": {"fsdp2": info.enabled, "world_size": info.world_size, "forced": info.forced,
                          "device": str(info.device)},
         }
-        md = render_report_md(report)
-        save_student(export_model, tokenizer, job.out, extra_files={"report.json": report, "report.md": md})
-        atomic_write_json(run_dir / "report.json", report)
-        atomic_write_bytes(run_dir / "report.md", md.encode())
-    barrier(info)
-    return report
+
+
+# --- helpers of the phases ---------------------------------------------------------------------------------
+
+
+def _first_rows(cache: Any, rows: int, seq_len: int) -> torch.Tensor | None:
+    """The first `rows` x (at most `seq_len`) tokens of the training text, [rows, T]; None when T < 2."""
+    row_len = min(seq_len, len(cache.train) // rows)
+    if row_len < 2:
+        return None
+    return torch.from_numpy(np.asarray(cache.train[: rows * row_len]).astype(np.int64)).view(rows, row_len)
 
 
 def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int
@@ -439,15 +528,52 @@ def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor
             "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
 
 
+def hybrid_key_map(old: Any, new: Any, layers: list[int]) -> dict[str, str]:
+    """{new student key: old student key} for every mixer weight of the layers that stay converted.
+
+    Raises when a trained mixer weight of those layers has no place in the new student, or a new mixer weight
+    has no source: nothing is dropped or left untrained silently. Two things go on purpose: the mixers of
+    `layers` (replaced by attention), and the value-residual mix of a layer that becomes the first converted
+    one (RWKV-7's `v_first` source: it has no such mix)."""
+    def layer_of(key: str) -> int:
+        return int(key.split(".layers.")[1].split(".")[0])
+
+    attn = f".{old.config.attention_name}."
+
+    def mixer_keys(model: Any, skip: list[int]) -> dict[str, torch.Size]:
+        return {key: value.shape for key, value in model.state_dict().items()
+                if ".layers." in key and attn in key and layer_of(key) not in skip}
+
+    def first_layers(model: Any) -> set[int]:
+        return {m.layer_idx for m in model.mixers if getattr(m, "first_layer", False)}
+
+    old_keys, new_keys = mixer_keys(old, layers), mixer_keys(new, layers)
+    key_map = {key: key for key in new_keys if key in old_keys}
+    now_first = first_layers(new) - first_layers(old)
+    first_has = {k.split(attn, 1)[1] for k in mixer_keys(old, []) if layer_of(k) in first_layers(old)}
+
+    def by_design(key: str) -> bool:  # a weight only a layer after the value-residual source has
+        return layer_of(key) in now_first and key.split(attn, 1)[1] not in first_has
+
+    dropped = sorted(k for k in set(old_keys) - set(key_map.values()) if not by_design(k))
+    unfilled = sorted(set(new_keys) - set(key_map))
+    wrong = sorted(k for k, src in key_map.items() if new_keys[k] != old_keys[src])
+    if dropped or unfilled or wrong:
+        raise RuntimeError(f"hybrid rebuild: trained weights without a place {dropped[:4]}, new weights without a "
+                           f"source {unfilled[:4]}, shapes that differ {wrong[:4]}")
+    return key_map
+
+
 def _rebuild_as_hybrid(old: Any, teacher: torch.nn.Module, recipe: Recipe, layers: list[int]) -> Any:
-    """A new student keeping `layers` as the teacher's attention, with the other mixers as stage 1 left them."""
+    """A new student keeping `layers` as the teacher's attention, with the other mixers as stage 1 left them
+    (loaded strictly through `hybrid_key_map`)."""
     new = convert_teacher(teacher, **{**recipe.student.convert_kwargs(), "attention_layers": layers})
     unshare_from_teacher(new, teacher, modules=new.mixers)  # loading below must not write into the teacher
-    attn = new.config.attention_name
-    trained = {k: v for k, v in old.state_dict().items()
-               if ".layers." in k and f".{attn}." in k and int(k.split(".layers.")[1].split(".")[0]) not in layers}
-    own = new.state_dict()
-    new.load_state_dict({k: v for k, v in trained.items() if k in own and own[k].shape == v.shape}, strict=False)
+    trained = old.state_dict()
+    state = new.state_dict()
+    for key, src in hybrid_key_map(old, new, layers).items():
+        state[key] = trained[src]
+    new.load_state_dict(state, strict=True)
     return new
 
 
@@ -470,9 +596,10 @@ def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recip
 
 
 def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] | None,
-                            is_main: bool = True) -> Any:
-    """The stage's spec; warned about (and with train.teacher_context=cap shortened) when it trains past the
-    teacher's effective context. The recipe itself is left as written (resume compares it)."""
+                            say: Callable[[str, int], None] | None = None) -> Any:
+    """The stage's spec; warned about (through `say`, else the log) and with train.teacher_context=cap
+    shortened, when it trains past the teacher's effective context. The recipe itself is left as written (resume
+    compares it)."""
     spec = recipe.stage(stage)
     if context is None or not context["degrades"] or spec.seq_len <= context["effective"]:
         return spec
@@ -488,9 +615,10 @@ def _within_teacher_context(stage: int, recipe: Recipe, context: dict[str, Any] 
         if spec.loss == "kl":
             message += f", or stage{stage}.loss=ce for a teacher that is weak there"
     context.setdefault("warnings", []).append(message)
-    log.warning("%s", message)
-    if is_main:
-        print(f"qwerky: warning: {message}", flush=True)
+    if say is not None:
+        say(f"warning: {message}", logging.WARNING)
+    else:
+        log.warning("%s", message)
     return spec
 
 
@@ -506,10 +634,9 @@ def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache
                        rows: int = 8) -> None:
     """Stage 0's per-head output scales (train/warm_start.py) on the first rows of the training text, the same
     rows on every rank; the log names the layers' relative error to their attention before and after."""
-    row_len = min(seq_len, len(cache.train) // rows)
-    if row_len < 2:
+    sample = _first_rows(cache, rows, seq_len)
+    if sample is None:
         return
-    sample = torch.from_numpy(np.asarray(cache.train[: rows * row_len]).astype(np.int64)).view(rows, row_len)
     t0 = time.perf_counter()
     report = fit_output_scales(student, teacher, sample)
     if not report:
@@ -517,7 +644,7 @@ def _fit_output_scales(student: torch.nn.Module, teacher: torch.nn.Module, cache
     before = [r["rel_error_before"] for r in report.values()]
     after = [r["rel_error_after"] for r in report.values()]
     log.info("stage 0: per-head output scales fitted to the teacher's attention on %d x %d tokens in %.0f s: "
-             "relative error per layer %.2f-%.2f before, %.2f-%.2f after", rows, row_len,
+             "relative error per layer %.2f-%.2f before, %.2f-%.2f after", *sample.shape,
              time.perf_counter() - t0, min(before), max(before), min(after), max(after))
 
 
@@ -528,98 +655,13 @@ def _quality(teacher: torch.nn.Module, student: torch.nn.Module, windows: torch.
 
     was_training = student.training
     student.eval()
-    baseline = window_baseline(teacher) if baseline and not info.enabled else None  # its zero-gated branch not run
+    base = window_baseline(teacher) if baseline and not info.enabled else None  # its zero-gated branch not run
     with torch.no_grad():
-        result = compare_models(teacher, student, windows.to(info.device), baseline=baseline)
+        result = compare_models(teacher, student, windows.to(info.device), baseline=base)
     if info.enabled:
         reshard(teacher, student)
     student.train(was_training)
     return result
-
-
-def render_report_md(report: dict[str, Any]) -> str:
-    """A short markdown report: quality table (teacher, student, window baseline) and per-stage costs."""
-    lines = ["# qwerky conversion report", "", f"Teacher: `{report['teacher']}`  ", f"Student: `{report['out']}`  ",
-             f"Wall time: {report['wall_s']} s", ""]
-    tc = report.get("teacher_context")
-    if tc:
-        lines += [f"Teacher context: {tc['message']}.", ""]
-        lines += [f"**Warning:** {w}." for w in tc.get("warnings", [])] + ([""] if tc.get("warnings") else [])
-    g = report.get("guard") or {}
-    regressed = [e for e in (g.get("stages") or {}).values() if e.get("regressed")]
-    for e in regressed:
-        lines += [f"**Warning:** {e['message']}", ""]
-    if g.get("kept") and report.get("stages") and g["kept"] != f"stage{report['stages'][-1]['stage']}":
-        lines += [f"Exported: the weights after {g['kept']} (train.keep={g['keep']}); the quality table is theirs.", ""]
-    q = report.get("quality")
-    if q:
-        lines += ["## Held-out quality", "",
-                  "| model | perplexity | ppl / teacher | KL(teacher‖model) | top-1 agreement |",
-                  "|---|---|---|---|---|"]
-        t_ppl = q.get("teacher", {}).get("ppl")
-        for name in ("teacher", "student", "baseline"):
-            m = q.get(name)
-            if not m:
-                continue
-            ratio = m["ppl"] / t_ppl if t_ppl else float("nan")
-            kl = m.get("kl")
-            agree = m.get("top1")
-            label = {"baseline": "window baseline (64 + 4 sinks)"}.get(name, name)
-            lines.append(f"| {label} | {m['ppl']:.3f} | {ratio:.3f} | "
-                         f"{'-' if kl is None else f'{kl:.4f}'} | {'-' if agree is None else f'{agree:.1%}'} |")
-        lines.append("")
-    by_stage = report.get("quality_by_stage") or {}
-    if by_stage:
-        lines += [f"## What each stage bought (at the common {report.get('data', {}).get('eval_seq_len', '')}-token "
-                  "context)", "", "| after | student ppl / teacher | KL | top-1 agreement |",
-                  "|---|---|---|---|"]
-        for key, q in by_stage.items():
-            s, t = q.get("student", {}), q.get("teacher", {})
-            ratio = s.get("ppl", float("nan")) / t.get("ppl", float("nan"))
-            lines.append(f"| {key} | {ratio:.3f} | {s.get('kl', float('nan')):.4f} | "
-                         f"{s.get('top1', float('nan')):.1%} |")
-        lines.append("")
-    hy = report.get("hybrid")
-    if hy:
-        lines += [f"## Hybrid: {hy['keep']} layers keep the teacher's attention ({hy['layers']})", ""]
-        for step in hy.get("greedy", []):
-            cands = ", ".join(f"{i}: {kl:.4f}" for i, kl in step["candidates"].items())
-            lines.append(f"- greedy step {len(step['layers'])}: keep layer {step['added']} (KL with each candidate "
-                         f"kept: {cands})")
-        lines += ["", "Cost of converting each layer alone after stage 1 (KL): "
-                  + ", ".join(f"{i}: {c:.4f}" for i, c in enumerate(hy["costs"])), "",
-                  f"| kept | auto (greedy): layers | KL | top-1 | one at a time: layers | KL | top-1 | "
-                  f"random: layers | KL | top-1 | memory / sequence at {hy['memory_context']} |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-        def cells(entry: dict[str, Any] | None) -> str:
-            return "- | - | -" if entry is None else f"{entry['layers']} | {entry['kl']:.4f} | {entry['top1']:.1%}"
-
-        for row in hy["curve"]:
-            ranked = row.get("ranked", row.get("auto"))  # reports written before the greedy choice
-            lines.append(f"| {row['keep']} | {cells(row.get('auto'))} | {cells(ranked)} | {cells(row['random'])} | "
-                         f"{row['memory_bytes_at_8k'] / 2**20:.2f} MiB |")
-        lines += ["", "(after stage 1, every other layer converted; measured on the teacher with hooks)", ""]
-    if g.get("stages"):
-        lines += ["## Stage guard (each stage at its own training context: before -> after)", "",
-                  "| stage | context | KL | top-1 agreement | verdict |", "|---|---|---|---|---|"]
-        for key, e in g["stages"].items():
-            if "after" not in e:
-                continue
-            b, a = e["before"]["student"], e["after"]["student"]
-            verdict = ("worse: " if e["regressed"] else "") + e["action"]
-            lines.append(f"| {key} | {e['seq_len']} | {b['kl']:.4f} -> {a['kl']:.4f} | {b['top1']:.1%} -> "
-                         f"{a['top1']:.1%} | {verdict} |")
-        lines.append("")
-    if report.get("stages"):
-        lines += ["## Stages", "", "| stage | what | tokens | seq len | wall s | tokens/s | GFLOP/s | peak RSS GiB | "
-                  "final loss |", "|---|---|---|---|---|---|---|---|---|"]
-        for s in report["stages"]:  # GFLOP/s: train/flops.py; reports written before it have none
-            lines.append(f"| {s['stage']} | {s['name']} | {s['tokens']:,} | {s['seq_len']} | {s['wall_s']} | "
-                         f"{s['tokens_per_s']:,.0f} | {s.get('gflop_s', '-')} | {s.get('peak_rss_gib', '-')} | "
-                         f"{s['final_loss']:.4f} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def load_report(path: Path) -> dict[str, Any]:
