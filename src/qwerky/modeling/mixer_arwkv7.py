@@ -30,17 +30,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers_common import LowRank, repeat_heads, take_projections
-from .mixer_base import Mixer, MixerOptions, register_mixer
-from .ops_rwkv7 import rwkv7_attention
+from .layers_common import repeat_heads
+from .mixer_base import MixerOptions, register_mixer
+from .mixer_rwkv7 import RWKV7Mixer, removal_key, rwkv7_log_decay
 
 LOG_DECAY_SCALE = 0.606531  # llama.cpp's literal (ggml_scale(sigmoid(w), -0.606531)), not exp(-0.5)
 SHIFTS = ("r", "w", "k", "v", "a", "g")  # llama.cpp's time_mix_lerp_fused order
 
 
+# ARWKV7's own parts, on [..., H, D] like mixer_rwkv7's (qwerky.vllm calls them too).
+
+def token_shift_inputs(x: torch.Tensor, x_prev: torch.Tensor, shift: torch.Tensor) -> list[torch.Tensor]:
+    """x + (x_prev - x) mu for r, w, k, v, a, g (shift: [6, C], in SHIFTS order)."""
+    xx = x_prev - x
+    return [x + xx * shift[i] for i in range(len(SHIFTS))]
+
+
+def arwkv7_keys(k: torch.Tensor, a: torch.Tensor, key_removal: torch.Tensor, key_iclr: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's keys: the removal key kk = normalize(k * k_k) and the written key k (1 + (a - 1) k_a)
+    (key_removal, key_iclr: [H, D])."""
+    return removal_key(k * key_removal), k * (1 + (a - 1) * key_iclr)
+
+
+def arwkv7_bonus(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bonus: torch.Tensor, scale: float
+                 ) -> torch.Tensor:
+    """The current token's direct term v sum(r scale * k * r_k) (bonus: [H, D])."""
+    return ((r * scale) * k * bonus).sum(-1, keepdim=True) * v
+
+
 @register_mixer
-class ARWKV7Mixer(Mixer):
-    """Replaces one attention block with llama.cpp's ARWKV7 time mix; takes over the teacher's q/k/v/o."""
+class ARWKV7Mixer(RWKV7Mixer):
+    """Replaces one attention block with llama.cpp's ARWKV7 time mix: RWKV-7's parameters (decay, in-context
+    rate, value residual, gate) plus the token shift, the removal-key and key-scaling vectors and the bonus."""
 
     name = "arwkv7"
     Options = MixerOptions
@@ -51,32 +73,16 @@ class ARWKV7Mixer(Mixer):
     def __init__(self, config: Any, layer_idx: int, attention: nn.Module, first_layer: bool,
                  options: MixerOptions) -> None:
         super().__init__(config, layer_idx, attention, first_layer, options)
-        C, H, D = config.hidden_size, self.num_heads, self.head_dim
-        take_projections(self, attention)
-        self.shift = nn.Parameter(torch.empty(len(SHIFTS), C))
-        self.decay_base = nn.Parameter(torch.empty(H * D))
-        self.decay_lora = LowRank(C, config.decay_rank, H * D)
-        self.iclr_base = nn.Parameter(torch.empty(H * D))
-        self.iclr_lora = LowRank(C, config.iclr_rank, H * D, activation="none")
-        if not first_layer:
-            self.value_mix_base = nn.Parameter(torch.empty(H * D))
-            self.value_mix_lora = LowRank(C, config.value_rank, H * D, activation="none")
-        self.gate_lora = LowRank(C, config.gate_rank, H * D, activation="sigmoid")
+        H, D = self.num_heads, self.head_dim
+        self.shift = nn.Parameter(torch.empty(len(SHIFTS), config.hidden_size))
         self.key_removal = nn.Parameter(torch.empty(H * D))  # llama.cpp time_mix_k_k
         self.key_iclr = nn.Parameter(torch.empty(H * D))  # time_mix_k_a
         self.bonus = nn.Parameter(torch.empty(H, D))  # time_mix_r_k
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
+        super().reset_new_parameters()  # RWKV-7's: decays -5..1 per head, value residual at sigmoid(-3)
         self.shift.zero_()
-        self.decay_base.copy_(torch.linspace(-5.0, 1.0, self.head_dim).repeat(self.num_heads))
-        self.decay_lora.reset_parameters()
-        self.iclr_base.zero_()
-        self.iclr_lora.reset_parameters()
-        if not self.first_layer:
-            self.value_mix_base.fill_(-3.0)  # sigmoid(-3) = 0.05: little value residual at the start
-            self.value_mix_lora.reset_parameters()
-        self.gate_lora.reset_parameters()
         self.key_removal.fill_(1.0)  # kk = normalize(k): remove along the key that is written
         self.key_iclr.fill_(1.0)  # k <- k a: write as strongly as the removal (RWKV-7's own start)
         self.bonus.zero_()
@@ -98,8 +104,7 @@ class ARWKV7Mixer(Mixer):
             if mask is not None:  # a padded last column keeps the previous shift
                 last = torch.where(mask[:, -1:], last, layer_state["shift"].to(x.dtype))
             layer_state["shift"] = last
-        xx = x_prev - x
-        return [x + xx * self.shift[i] for i in range(len(SHIFTS))]
+        return token_shift_inputs(x, x_prev, self.shift)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -112,27 +117,12 @@ class ARWKV7Mixer(Mixer):
         r = F.linear(xr, self.receptance.weight).view(B, T, H, D)  # no bias: the graph has none
         k = repeat_heads(F.linear(xk, self.key.weight).view(B, T, self.num_kv_heads, D), n_rep)
         v = repeat_heads(F.linear(xv, self.value.weight).view(B, T, self.num_kv_heads, D), n_rep)
-        if self.first_layer or self.ctx.v_first is None:
-            self.ctx.v_first = v
-        else:
-            mix = torch.sigmoid(self.value_mix_base + self.value_mix_lora(xv)).view(B, T, H, D)
-            v = v + (self.ctx.v_first - v) * mix
-        log_w = -LOG_DECAY_SCALE * torch.sigmoid(self.decay_base + self.decay_lora(xw)).view(B, T, H, D)
+        v = self._value_residual(v, xv)
+        log_w = rwkv7_log_decay(self.decay_base + self.decay_lora(xw), LOG_DECAY_SCALE).view(B, T, H, D)
         a = torch.sigmoid(self.iclr_base + self.iclr_lora(xa)).view(B, T, H, D)
-        kk = F.normalize((k * self.key_removal.view(H, D)).float(), dim=-1).to(k.dtype)
-        k = k * (1 + (a - 1) * self.key_iclr.view(H, D))
-        scale = D**-0.5
-        bonus = ((r * scale) * k * self.bonus).sum(-1, keepdim=True) * v
-        k_in = k
-        mask = self.ctx.token_mask
-        if mask is not None:  # padding leaves the state untouched: no input, no decay, no removal
-            m = mask[:, :, None, None].to(k.dtype)
-            k_in, log_w, a = k * m, log_w * m, a * m
-        s0 = None if layer_state is None else layer_state["S"]
-        y, s = rwkv7_attention(r, log_w, k_in, v, -kk, kk * a, scale=scale, initial_state=s0,
-                               output_final_state=layer_state is not None, backend=self.ctx.backend)
-        if layer_state is not None:
-            layer_state["S"] = s
+        kk, k = arwkv7_keys(k, a, self.key_removal.view(H, D), self.key_iclr.view(H, D))
+        bonus = arwkv7_bonus(r, k, v, self.bonus, D**-0.5)
+        y = self._delta_rule(r, log_w, k, v, kk, a, layer_state)
         y = (y + bonus).reshape(B, T, H * D) * (1 + self.gate_lora(xg))
         out = self.output  # llama.cpp's graph has no output bias: a teacher's o_proj bias is dropped
         return (out(y) if out.bias is None else F.linear(y, out.weight)), None

@@ -29,6 +29,34 @@ from .ops_rwkv7 import rwkv7_attention
 LOG_DECAY_SCALE = math.exp(-0.5)
 
 
+# The RWKV-7 parts as functions of tensors whose last two dims are (heads, head_dim), whatever comes before:
+# [B, T, H, D] here, vLLM's packed [N, H, D] in qwerky.vllm. Both call these, so the math has one source.
+
+def rwkv7_log_decay(logits: torch.Tensor, scale: float = LOG_DECAY_SCALE) -> torch.Tensor:
+    """log w = -scale * sigmoid(logits): a per-channel decay w in [exp(-scale), 1]."""
+    return -scale * torch.sigmoid(logits)
+
+
+def value_residual(v: torch.Tensor, v_first: torch.Tensor, mix_logits: torch.Tensor) -> torch.Tensor:
+    """v moved towards the first layer's values by sigmoid(mix_logits) (RWKV-7's value residual)."""
+    return v + (v_first - v) * torch.sigmoid(mix_logits)
+
+
+def removal_key(k: torch.Tensor) -> torch.Tensor:
+    """kappa = k / |k| per head (normalised in fp32): the direction the delta rule removes from the state."""
+    return F.normalize(k.float(), dim=-1).to(k.dtype)
+
+
+def balanced_key(k: torch.Tensor, log_w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """RAD-RWKV7's "balanced" written key k (1 - w + a): what decays and is removed is written back."""
+    return k * (1 - log_w.exp() + a)
+
+
+def delta_rule_terms(kappa: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's removal pair (-kappa, kappa a): S <- diag(w) S + (-kappa)(kappa a)^T S + k v^T."""
+    return -kappa, kappa * a
+
+
 @register_mixer
 class RWKV7Mixer(Mixer):
     """Replaces one attention block; takes over the teacher attention's projection modules."""
@@ -87,22 +115,32 @@ class RWKV7Mixer(Mixer):
         n_rep = H // self.num_kv_heads
         k, v = repeat_heads(k, n_rep), repeat_heads(v, n_rep)
         if value_residual:
-            if self.first_layer or self.ctx.v_first is None:
-                self.ctx.v_first = v
-            else:
-                mix = torch.sigmoid(self.value_mix_base + self.value_mix_lora(x)).view(B, T, H, D)
-                v = v + (self.ctx.v_first - v) * mix
-        log_w = -LOG_DECAY_SCALE * torch.sigmoid(self.decay_base + self.decay_lora(x)).view(B, T, H, D)
+            v = self._value_residual(v, x)
+        log_w = rwkv7_log_decay(self.decay_base + self.decay_lora(x)).view(B, T, H, D)
         a = torch.sigmoid(self.iclr_base + self.iclr_lora(x)).view(B, T, H, D)
-        kappa = F.normalize(k.float(), dim=-1).to(k.dtype)
-        k_in = k * (1 - log_w.exp() + a)
+        kappa = removal_key(k)
+        return self._delta_rule(r, log_w, balanced_key(k, log_w, a), v, kappa, a, layer_state)
+
+    def _value_residual(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The first layer's values pass to the context; later layers mix towards them."""
+        if self.first_layer or self.ctx.v_first is None:
+            self.ctx.v_first = v
+            return v
+        return value_residual(v, self.ctx.v_first, (self.value_mix_base + self.value_mix_lora(x)).view(v.shape))
+
+    def _delta_rule(self, r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    kappa: torch.Tensor, a: torch.Tensor, layer_state: dict[str, torch.Tensor] | None
+                    ) -> torch.Tensor:
+        """The state update over [B, T, H, D] inputs (k: the written key); padding leaves the state untouched: no
+        input, no decay, no removal. Returns y [B, T, H, D]; updates layer_state["S"]."""
         mask = self.ctx.token_mask
-        if mask is not None:  # padding leaves the state untouched: no input, no decay, no removal
-            m = mask[:, :, None, None].to(k_in.dtype)
-            k_in, log_w, a = k_in * m, log_w * m, a * m
+        if mask is not None:
+            m = mask[:, :, None, None].to(k.dtype)
+            k, log_w, a = k * m, log_w * m, a * m
         s0 = None if layer_state is None else layer_state["S"]
-        y, s = rwkv7_attention(r, log_w, k_in, v, -kappa, kappa * a, scale=D**-0.5, initial_state=s0,
-                               output_final_state=layer_state is not None, backend=self.ctx.backend)
+        y, s = rwkv7_attention(r, log_w, k, v, *delta_rule_terms(kappa, a), scale=self.head_dim**-0.5,
+                               initial_state=s0, output_final_state=layer_state is not None,
+                               backend=self.ctx.backend)
         if layer_state is not None:
             layer_state["S"] = s
         return y
