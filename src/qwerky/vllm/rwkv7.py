@@ -9,16 +9,13 @@ hidden states, so it is not part of the state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from qwerky.modeling.mixer_rwkv7 import balanced_key, delta_rule_terms, removal_key, rwkv7_log_decay, value_residual
 from qwerky.vllm.layer import LowRankTP, StateLayer, head_sharded
 from qwerky.vllm.ops import PackedBatch, rwkv7_packed
-
-LOG_DECAY_SCALE = math.exp(-0.5)  # as qwerky.modeling.mixer_rwkv7
 
 
 class RWKV7TimeMix(StateLayer):
@@ -39,19 +36,22 @@ class RWKV7TimeMix(StateLayer):
         """x [N, C] -> (output [N, C], v_first [N, H_local, D])."""
         N, H, D = x.shape[0], self.num_heads, self.head_dim
         r, k, v = self.rkv(positions, x)
-        if self.first_layer or v_first is None:
-            v_first = v
-        else:
-            mix = torch.sigmoid(self.value_mix_base + self.value_mix_lora(x)).view(N, H, D)
-            v = v + (v_first - v) * mix
-        log_w = (-LOG_DECAY_SCALE * torch.sigmoid(self.decay_base + self.decay_lora(x))).view(N, H, D)
+        v, v_first = self.value_residual(v, v_first, x)
+        log_w = rwkv7_log_decay(self.decay_base + self.decay_lora(x)).view(N, H, D)
         a = torch.sigmoid(self.iclr_base + self.iclr_lora(x)).view(N, H, D)
-        kappa = F.normalize(k.float(), dim=-1).to(k.dtype)
-        k_in = k * (1 - log_w.exp() + a)
-        y = self.run_state_update([r, log_w, k_in, v, -kappa, kappa * a], torch.empty_like(v))
+        kappa = removal_key(k)
+        y = self.run_state_update([r, log_w, balanced_key(k, log_w, a), v, *delta_rule_terms(kappa, a)],
+                                  torch.empty_like(v))
         y = y.reshape(N, H * D) * (1 + self.gate_lora(x))
         out, _ = self.output(y)
         return out, v_first
+
+    def value_residual(self, v: torch.Tensor, v_first: torch.Tensor | None, x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v, v_first): the first layer's values travel on; later layers mix towards them (mixer_rwkv7)."""
+        if self.first_layer or v_first is None:
+            return v, v
+        return value_residual(v, v_first, (self.value_mix_base + self.value_mix_lora(x)).view(v.shape)), v_first
 
     def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
         out[:batch.num_tokens] = rwkv7_packed(*inputs, self.kv_cache[0], batch, scale=self.head_dim**-0.5,

@@ -14,16 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.utils import set_weight_attrs
 
+from qwerky.modeling.mixer_rwkv7 import balanced_key, delta_rule_terms, removal_key, rwkv7_log_decay
 from qwerky.modeling.mixer_window import WindowOptions
 from qwerky.modeling.ops_window import empty_cache, window_attention
 from qwerky.vllm.layer import head_sharded, state_dtype
 from qwerky.vllm.ops import PackedBatch, run_packed, rwkv7_packed
-from qwerky.vllm.rwkv7 import LOG_DECAY_SCALE, RWKV7TimeMix
+from qwerky.vllm.rwkv7 import RWKV7TimeMix
 
 CACHE_KEYS = ("k", "v", "kpos", "sk", "sv", "spos")  # state tensors 1.. in this order (sinks only when S > 0)
 
@@ -82,12 +82,12 @@ class WindowTimeMix(RWKV7TimeMix):
         if self.branch_rope:
             r_b, k_b = self.rotate(positions, r_b, k_b)
         k_b, v = self.expand_kv(k_b), self.expand_kv(v0)
-        log_w = (-LOG_DECAY_SCALE * torch.sigmoid(self.decay_base + self.decay_lora(x))).view(N, H, D)
+        log_w = rwkv7_log_decay(self.decay_base + self.decay_lora(x)).view(N, H, D)
         a = torch.sigmoid(self.iclr_base + self.iclr_lora(x)).view(N, H, D)
-        kappa = F.normalize(k_b.float(), dim=-1).to(k_b.dtype)
-        k_in = k_b * (1 - log_w.exp() + a)
+        kappa = removal_key(k_b)
         inputs = [r.reshape(N, H, D), k.reshape(N, self.num_kv_heads, D), v0.reshape(N, self.num_kv_heads, D),
-                  positions, r_b.reshape(N, H, D), log_w, k_in, v, -kappa, kappa * a]
+                  positions, r_b.reshape(N, H, D), log_w, balanced_key(k_b, log_w, a), v,
+                  *delta_rule_terms(kappa, a)]
         both = self.run_state_update(inputs, x.new_empty(N, 2, H, D))
         local, branch = both[:, 0], both[:, 1]
         y = (local * self.window_scale[None, :, None]).reshape(N, H * D)
