@@ -117,8 +117,9 @@ def eval_forward(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
 def plan_for(args: argparse.Namespace, run_sets: list[str], gflops: float, threads: int, old: bool
              ) -> dict[str, Any]:
-    from qwerky.plan import machine_ram_bytes, make_plan
+    from qwerky.plan import make_plan
     from qwerky.teacher import load_config
+    from qwerky.train.memory import machine_ram_bytes
     from qwerky.train.recipe import load_recipe
 
     recipe = load_recipe("default", run_sets)

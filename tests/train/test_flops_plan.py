@@ -8,9 +8,10 @@ import torch
 import transformers as tf
 
 from qwerky.cli import main
-from qwerky.plan import human, layer_activations, saved_bytes
+from qwerky.plan import human
 from qwerky.surgery import convert_teacher
 from qwerky.train.flops import FlopModel, rwkv7_core
+from qwerky.train.memory import layer_activations, saved_bytes
 
 
 def _tiny():

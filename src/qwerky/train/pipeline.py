@@ -36,7 +36,6 @@ from qwerky.data import DataError, PackedBatches, RecallRows, build_token_cache,
 from qwerky.data.sources import resolve_sources
 from qwerky.errors import QwerkyError
 from qwerky.eval.report import render_report_md
-from qwerky.plan import stage_needs_checkpointing
 from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import check_model_dir, load_teacher, load_tokenizer
 
@@ -53,6 +52,7 @@ from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import parse_keep_attention
 from .loop import JsonlLog, choose_threads, run_stage
+from .memory import stage_needs_checkpointing
 from .parallel import (
     DistInfo,
     apply_activation_checkpointing,
