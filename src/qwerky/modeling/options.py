@@ -54,52 +54,74 @@ def parse_options(cls: type, values: Mapping[str, Any] | None, where: str,
 
 def coerce(value: Any, tp: Any, where: str, unknown: Callable[[str, list[str]], str] | None = None) -> Any:
     """Check (and losslessly convert) one value against its annotation; ValueError names `where` and the type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ValueError(f"{where} is a section: give a mapping of its fields, got {value!r}")
         return parse_options(tp, value, where, unknown)
+    origin = typing.get_origin(tp)
     if origin is Literal:
-        if isinstance(value, bool) and ("on" in args or "off" in args):
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off/yes/no as a boolean
-        if value not in args:
-            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        number = _number(value)
-        if number is None or isinstance(value, bool) or not float(number).is_integer():
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        number = _number(value)
-        if number is None or isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(number)
+        return _literal(value, typing.get_args(tp), where)
     if origin in (tuple, list):
-        if isinstance(value, str):  # `--set student.attention_layers=1,3`
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # `--set student.attention_layers=3`
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ValueError(f"{where} must have {len(args)} entries, got {list(value)!r}")
-        item = args[0] if args else Any
-        items = [v if item is Any else coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _sequence(value, origin, typing.get_args(tp), where)
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ValueError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
-    if tp is str and not isinstance(value, str):
+    scalar = _SCALARS.get(tp)
+    return value if scalar is None else scalar(value, where)
+
+
+def _literal(value: Any, choices: tuple[Any, ...], where: str) -> Any:
+    if isinstance(value, bool) and ("on" in choices or "off" in choices):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off/yes/no as a boolean
+    if value not in choices:
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _sequence(value: Any, origin: type, args: tuple[Any, ...], where: str) -> list[Any] | tuple[Any, ...]:
+    if isinstance(value, str):  # `--set student.attention_layers=1,3`
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):  # `--set student.attention_layers=3`
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+        raise ValueError(f"{where} must have {len(args)} entries, got {list(value)!r}")
+    item = args[0] if args else Any
+    items = [v if item is Any else coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    number = None if isinstance(value, bool) else _number(value)
+    if number is None or not float(number).is_integer():
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    return int(number)
+
+
+def _float(value: Any, where: str) -> float:
+    number = None if isinstance(value, bool) else _number(value)
+    if number is None:
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    return float(number)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
         raise ValueError(f"{where} must be a string, got {value!r}")
     return value
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {bool: _bool, int: _int, float: _float, str: _str}
 
 
 def _number(value: Any) -> float | int | None:

@@ -198,40 +198,45 @@ def scaled_token_overrides(recipe: Recipe, scale: float) -> list[str]:
 
 
 def apply_override(recipe: Recipe, item: str) -> None:
+    """Apply one `--set KEY=VALUE` (the value read as YAML, then coerced to the field's type)."""
     if "=" not in item:
         raise RecipeError(f"--set expects KEY=VALUE (e.g. stage2.tokens=200000), got {item!r}")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    target: Any = recipe
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(target, dict):  # a free mapping (student.mixer_options): its entries are set as given
-            target = target.setdefault(part, {})
-            continue
-        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            where = ".".join(parts[: i + 1])
-            raise RecipeError(f"--set: recipe field '{where}' was {MOVED_FIELDS[where]}" if where in MOVED_FIELDS
-                              else f"--set: unknown recipe field '{where}'")
-        target = getattr(target, part)
-    leaf = parts[-1]
-    if isinstance(target, dict):
-        target[leaf] = yaml.safe_load(raw) if raw.strip() else raw  # checked by the mixer's Options in validate
-        return
-    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-        if key.strip() in MOVED_FIELDS:
-            raise RecipeError(f"--set: recipe field '{key.strip()}' was {MOVED_FIELDS[key.strip()]}")
-        valid = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
-        raise RecipeError(f"--set: unknown recipe field '{key}'" + (f" (valid here: {valid})" if valid else ""))
-    current = getattr(target, leaf)
-    if dataclasses.is_dataclass(current):
-        raise RecipeError(f"--set: '{key}' is a section; set one of its fields")
+    key = key.strip()
     value = yaml.safe_load(raw) if raw.strip() else raw
+    target, leaf = _field_of(recipe, key)
+    if isinstance(target, dict):  # a free mapping (student.mixer_options): checked by the mixer's Options in validate
+        target[leaf] = value
+        return
     try:
-        value = coerce(value, field_hints(type(target))[leaf], key.strip())
+        value = coerce(value, field_hints(type(target))[leaf], key)
     except ValueError as err:
         raise RecipeError(f"--set: {err}") from None
-    if target is recipe.student and leaf == "mixer" and value != current:
+    if target is recipe.student and leaf == "mixer" and value != recipe.student.mixer:
         recipe.student.mixer_options = {}  # options belong to the mixer they were written for
     setattr(target, leaf, value)
+
+
+def _field_of(recipe: Recipe, key: str) -> tuple[Any, str]:
+    """(the section or mapping holding `key`'s last part, that part), or a RecipeError naming the bad part."""
+    parts = key.split(".")
+    target: Any = recipe
+    for i, part in enumerate(parts):
+        if isinstance(target, dict):  # entries of a free mapping are created as given
+            if i == len(parts) - 1:
+                return target, part
+            target = target.setdefault(part, {})
+            continue
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names:
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(f"--set: {_unknown_field(where, names)}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(target, part)):
+                raise RecipeError(f"--set: '{key}' is a section; set one of its fields")
+            return target, part
+        target = getattr(target, part)
+    raise RecipeError(f"--set: empty field name in {key!r}")
 
 
 def validate(recipe: Recipe) -> None:
