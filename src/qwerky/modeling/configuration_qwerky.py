@@ -22,6 +22,31 @@ def lora_rank(hidden_size: int, exponent: float, multiplier: float) -> int:
     return max(32, int(round(hidden_size**exponent * multiplier / 32)) * 32)
 
 
+def _mixer_options(mixer: str, mixer_options: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The mixer's options; a config written before `mixer_options` kept the window's at the top level (taken
+    out of `kwargs` here, with the defaults of their time)."""
+    legacy = {k: kwargs.pop(k) for k in (*LEGACY_WINDOW_OPTIONS, *REMOVED_OPTIONS) if k in kwargs}
+    if any(legacy.get(k) for k in REMOVED_OPTIONS):
+        raise ValueError(f"this model uses {', '.join(k for k in REMOVED_OPTIONS if legacy.get(k))}, an option "
+                         "removed from qwerky; load it with trust_remote_code=True (its folder carries its code)")
+    if legacy and mixer_options is not None:
+        raise ValueError(f"{', '.join(legacy)}: mixer options now live in mixer_options (e.g. "
+                         f"mixer_options={{{next(iter(legacy))!r}: ...}})")
+    if mixer_options is None and mixer == "window":
+        mixer_options = {k: legacy.get(k, v) for k, v in LEGACY_WINDOW_OPTIONS.items()}
+    return dict(mixer_options or {})
+
+
+def _attention_shape(tc: Any, num_heads: int | None, num_kv_heads: int | None, head_dim: int | None
+                     ) -> tuple[int | None, int | None, int | None]:
+    """(heads, key/value heads, head size): as given, else the teacher's."""
+    if tc is None:
+        return num_heads, num_kv_heads, head_dim
+    heads = num_heads or tc.num_attention_heads
+    kv_heads = num_kv_heads or getattr(tc, "num_key_value_heads", None) or heads
+    return heads, kv_heads, head_dim or getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
 class QwerkyConfig(PretrainedConfig):
     """Config of a converted model.
 
@@ -65,28 +90,14 @@ class QwerkyConfig(PretrainedConfig):
         if isinstance(teacher_config, dict):
             teacher_config = AutoConfig.for_model(**teacher_config)
         self.teacher_config = teacher_config
-        legacy = {k: kwargs.pop(k) for k in (*LEGACY_WINDOW_OPTIONS, *REMOVED_OPTIONS) if k in kwargs}
-        if any(legacy.get(k) for k in REMOVED_OPTIONS):
-            raise ValueError(f"this model uses {', '.join(k for k in REMOVED_OPTIONS if legacy.get(k))}, an option "
-                             "removed from qwerky; load it with trust_remote_code=True (its folder carries its code)")
-        if legacy and mixer_options is not None:
-            raise ValueError(f"{', '.join(legacy)}: mixer options now live in mixer_options (e.g. "
-                             f"mixer_options={{{next(iter(legacy))!r}: ...}})")
-        if mixer_options is None and mixer == "window":  # a config written before mixer_options
-            mixer_options = {k: legacy.get(k, v) for k, v in LEGACY_WINDOW_OPTIONS.items()}
         self.mixer = mixer
-        self.mixer_options = dict(mixer_options or {})
+        self.mixer_options = _mixer_options(mixer, mixer_options, kwargs)
         self.attention_layers = sorted(attention_layers or [])
         self.attention_name = attention_name
         tc = teacher_config
         hidden = getattr(tc, "hidden_size", 0) if tc is not None else 0
-        self.num_heads = num_heads or (tc.num_attention_heads if tc is not None else None)
-        self.num_kv_heads = num_kv_heads or (getattr(tc, "num_key_value_heads", None) or self.num_heads
-                                             if tc is not None else None)
-        if head_dim is None and tc is not None:
-            head_dim = getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads
-        self.head_dim = head_dim
-        self.attention_scaling = attention_scaling or (1.0 / math.sqrt(head_dim) if head_dim else None)
+        self.num_heads, self.num_kv_heads, self.head_dim = _attention_shape(tc, num_heads, num_kv_heads, head_dim)
+        self.attention_scaling = attention_scaling or (1.0 / math.sqrt(self.head_dim) if self.head_dim else None)
         self.use_rope = use_rope
         self.has_qk_norm = has_qk_norm
         self.lm_head_bias = lm_head_bias
@@ -94,10 +105,9 @@ class QwerkyConfig(PretrainedConfig):
         self.iclr_rank = iclr_rank or (lora_rank(hidden, 0.5, 1.8) if hidden else 32)
         self.value_rank = value_rank or (lora_rank(hidden, 0.5, 1.3) if hidden else 32)
         self.gate_rank = gate_rank or (lora_rank(hidden, 0.8, 0.6) if hidden else 32)
-        if tc is not None:
-            for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-                kwargs.setdefault(name, getattr(tc, name, None))
-            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if tc is not None:  # the model-wide fields HF reads from a config are the teacher's
+            for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "bos_token_id",
+                         "eos_token_id", "pad_token_id"):
                 kwargs.setdefault(name, getattr(tc, name, None))
             kwargs.setdefault("tie_word_embeddings", getattr(tc, "tie_word_embeddings", False))
         super().__init__(**kwargs)
