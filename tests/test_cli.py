@@ -113,3 +113,18 @@ def test_a_missing_model_path_is_named_by_every_command(args: list[str], teacher
     filled = [a.format(missing=tmp_path / "no-such-dir", teacher=teacher_dir, tmp=tmp_path) for a in args]
     line = _error(filled)
     assert "not found" in line and "no-such-dir" in line, line
+
+
+STUDENT_FIXTURE = Path(__file__).parent / "fixtures" / "window-student-2026-11"
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "--teacher", "{student}", "--cpu", "--cpu-gflops", "1"],
+    ["convert", "--teacher", "{student}", "--out", "{tmp}/s", "--stages", "0"],
+    ["plan", "--teacher", "{student}/config.json", "--cpu", "--cpu-gflops", "1"],
+])
+def test_a_student_given_as_teacher_is_named(args: list[str], tmp_path: Path) -> None:
+    """A converted folder carries remote code: transformers would ask for trust_remote_code; we say what it is."""
+    line = _error([a.format(student=STUDENT_FIXTURE, tmp=tmp_path) for a in args])
+    assert "already a converted qwerky model" in line, line
+    assert not (tmp_path / "s").exists()

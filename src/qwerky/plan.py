@@ -218,59 +218,61 @@ def plan_main(args: argparse.Namespace) -> int:
         assumed = (f"no --gpus given: planning for this machine's {gpus} GPU(s)" if gpus else
                    "no --gpus given and no GPU here: planning for this CPU (pass --gpus N to plan a GPU server)")
     recipe = load_recipe(args.recipe or ("published" if gpus else "default"), args.set or [])
-    cpu = None
-    if gpus == 0:
-        from qwerky.train.loop import choose_threads
-
-        threads, why = choose_threads(args.threads or recipe.train.threads)
-        measured = args.cpu_gflops is None
-        gflops = measure_cpu_gflops(threads) if measured else args.cpu_gflops
-        ram = args.ram * 1e9 if args.ram else machine_ram_bytes()
-        cpu = {"ram_bytes": ram, "gflops": round(gflops, 1), "gflops_source": "measured" if measured else "given",
-               "threads": threads, "threads_reason": why, "utilisation": args.utilisation,
-               "checkpointing": recipe.train.activation_checkpointing}
-        mem = 0.0
-    else:
-        mem = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / 1e9
-                               if torch.cuda.is_available() and args.gpus is None else 80.0)
+    cpu = _this_cpu(args, recipe) if gpus == 0 else None
+    mem = 0.0 if cpu else (args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / 1e9
+                                            if torch.cuda.is_available() and args.gpus is None else 80.0))
     plan = make_plan(config, gpus, mem, args.gpu_tflops, args.mfu, recipe, cpu=cpu)
-    t, s = plan["teacher"], plan["student"]
-    if assumed:
-        print(f"({assumed})")
-    print(f"teacher {t['model_type']}: {human(t['params'])} params, {t['layers']} layers, hidden {t['hidden']}, "
-          f"{t['heads']}/{t['kv_heads']} heads x {t['head_dim']}")
-    print(f"student {s['mixer']}: {human(s['params'])} params ({human(s['new_params'])} new); state "
-          f"{s['state_mib_per_sequence']} MiB/sequence vs teacher KV {s['teacher_kv_mib_at_4k']} MiB at 4k, "
-          f"{s['teacher_kv_mib_at_32k']} MiB at 32k")
-    print(f"recipe {plan['recipe']}")
-    if cpu is None:
-        print(f"\n{gpus} x {mem:g} GB GPUs, {args.gpu_tflops:g} TFLOP/s at MFU {args.mfu:g} (estimates)")
-        print("| stage | tokens | seq | micro/GPU | trainable | mem/GPU GiB | fits | time |")
-        print("|---|---|---|---|---|---|---|---|")
-        for st in plan["stages"]:
-            print(f"| {st['stage']} | {human(st['tokens'])} | {st['seq_len']} | {st['micro_batch']} | "
-                  f"{human(st['trainable_params'])} | {st['memory_per_gpu_gib']} | {'yes' if st['fits'] else 'NO'} | "
-                  f"{human_hours(st['hours'])} |")
-    else:
-        c = plan["cpu"]
-        print(f"\nthis CPU: {c['threads']} thread(s) ({c['threads_reason']}); {plan['ram_gb']:g} GB RAM; "
-              f"dense fp32 matmul {c['gflops']:g} GFLOP/s ({c['gflops_source']}); one process, fp32 (estimates)")
-        print("| stage | tokens | seq | micro | trainable | GFLOP/token | checkpointing | peak RSS GiB | fits | "
-              "tokens/s | time |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for st in plan["stages"]:
-            print(f"| {st['stage']} | {human(st['tokens'])} | {st['seq_len']} | {st['micro_batch']} | "
-                  f"{human(st['trainable_params'])} | {st['flops_per_token'] / 1e9:.3g} | "
-                  f"{'layers' if st['activation_checkpointing'] else ('per mixer' if st['stage'] == 1 else 'off')} | "
-                  f"{st['memory_gib']} | {'yes' if st['fits'] else 'NO'} | {st['tokens_per_s']:g} | "
-                  f"{human_hours(st['hours'])} |")
-        utils = ", ".join(f"{st['utilisation']:g}" for st in plan["stages"])
-        print(f"(time: FLOPs / (matmul FLOP/s x utilisation {utils}, measured by benchmarks/train_cost.py); "
-              "memory: fp32 weights, AdamW, the stage guard's snapshot, activations measured on fake tensors)")
-    verdict = "fits" if plan["fits"] else "does NOT fit (lower micro_batch_size / seq_len, or add memory)"
-    print(f"\ntotal ~{human_hours(plan['total_hours'])}; {verdict}")
+    print("\n".join(([f"({assumed})"] if assumed else []) + render_plan(plan, gpus, mem, args)))
     if args.json:
         from pathlib import Path
 
         Path(args.json).write_text(json.dumps(plan, indent=2))
     return 0 if math.isfinite(plan["total_hours"]) else 1
+
+
+def _this_cpu(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
+    """This machine as a CPU plan sees it: threads a run would use, RAM, measured (or given) matmul rate."""
+    from qwerky.train.loop import choose_threads
+
+    threads, why = choose_threads(args.threads or recipe.train.threads)
+    measured = args.cpu_gflops is None
+    gflops = measure_cpu_gflops(threads) if measured else args.cpu_gflops
+    return {"ram_bytes": args.ram * 1e9 if args.ram else machine_ram_bytes(), "gflops": round(gflops, 1),
+            "gflops_source": "measured" if measured else "given", "threads": threads, "threads_reason": why,
+            "utilisation": args.utilisation, "checkpointing": recipe.train.activation_checkpointing}
+
+
+def render_plan(plan: dict[str, Any], gpus: int, mem: float, args: argparse.Namespace) -> list[str]:
+    """The plan as the lines `qwerky plan` prints: teacher, student, one table row per stage, the total."""
+    t, s = plan["teacher"], plan["student"]
+    lines = [f"teacher {t['model_type']}: {human(t['params'])} params, {t['layers']} layers, hidden {t['hidden']}, "
+             f"{t['heads']}/{t['kv_heads']} heads x {t['head_dim']}",
+             f"student {s['mixer']}: {human(s['params'])} params ({human(s['new_params'])} new); state "
+             f"{s['state_mib_per_sequence']} MiB/sequence vs teacher KV {s['teacher_kv_mib_at_4k']} MiB at 4k, "
+             f"{s['teacher_kv_mib_at_32k']} MiB at 32k",
+             f"recipe {plan['recipe']}"]
+    if plan.get("cpu") is None:
+        lines += [f"\n{gpus} x {mem:g} GB GPUs, {args.gpu_tflops:g} TFLOP/s at MFU {args.mfu:g} (estimates)",
+                  "| stage | tokens | seq | micro/GPU | trainable | mem/GPU GiB | fits | time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {st['stage']} | {human(st['tokens'])} | {st['seq_len']} | {st['micro_batch']} | "
+                  f"{human(st['trainable_params'])} | {st['memory_per_gpu_gib']} | {'yes' if st['fits'] else 'NO'} | "
+                  f"{human_hours(st['hours'])} |" for st in plan["stages"]]
+    else:
+        c = plan["cpu"]
+        lines += [f"\nthis CPU: {c['threads']} thread(s) ({c['threads_reason']}); {plan['ram_gb']:g} GB RAM; "
+                  f"dense fp32 matmul {c['gflops']:g} GFLOP/s ({c['gflops_source']}); one process, fp32 (estimates)",
+                  "| stage | tokens | seq | micro | trainable | GFLOP/token | checkpointing | peak RSS GiB | fits | "
+                  "tokens/s | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for st in plan["stages"]:
+            how = "layers" if st["activation_checkpointing"] else ("per mixer" if st["stage"] == 1 else "off")
+            lines.append(f"| {st['stage']} | {human(st['tokens'])} | {st['seq_len']} | {st['micro_batch']} | "
+                         f"{human(st['trainable_params'])} | {st['flops_per_token'] / 1e9:.3g} | {how} | "
+                         f"{st['memory_gib']} | {'yes' if st['fits'] else 'NO'} | {st['tokens_per_s']:g} | "
+                         f"{human_hours(st['hours'])} |")
+        utils = ", ".join(f"{st['utilisation']:g}" for st in plan["stages"])
+        lines.append(f"(time: FLOPs / (matmul FLOP/s x utilisation {utils}, measured by benchmarks/train_cost.py); "
+                     "memory: fp32 weights, AdamW, the stage guard's snapshot, activations measured on fake tensors)")
+    verdict = "fits" if plan["fits"] else "does NOT fit (lower micro_batch_size / seq_len, or add memory)"
+    lines.append(f"\ntotal ~{human_hours(plan['total_hours'])}; {verdict}")
+    return lines

@@ -30,17 +30,26 @@ def teacher_skeleton(config: Any) -> torch.nn.Module:
 
 
 def load_config(path: str | Path) -> Any:
+    """A teacher's HF config from its folder, its config.json or a GGUF file's metadata (no weights read)."""
     from transformers import AutoConfig
 
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
         data = json.loads(p.read_text())
+        _not_a_student(data, p)
         return AutoConfig.for_model(**data)
     if is_gguf(p):
         from qwerky.teacher_gguf import gguf_config
 
         return gguf_config(p)  # metadata only: no weight is dequantised
-    return AutoConfig.from_pretrained(str(check_model_dir(p)))
+    folder = check_model_dir(p)
+    _not_a_student(json.loads((folder / "config.json").read_text()), folder)
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def _not_a_student(config: dict[str, Any], where: Path) -> None:
+    if config.get("model_type") == "qwerky":
+        raise QwerkyError(f"{where} is already a converted qwerky model; pass the original transformer as --teacher")
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -51,9 +60,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu", dtype: to
     from qwerky.surgery.families import inspect_teacher
 
     p = check_model_dir(path)
-    config = load_config(p)
-    if getattr(config, "model_type", "") == "qwerky":
-        raise QwerkyError(f"{p} is already a converted qwerky model; pass the original transformer as --teacher")
+    config = load_config(p)  # a converted student is refused here, before transformers asks for remote code
     inspect_teacher(teacher_skeleton(config))
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
