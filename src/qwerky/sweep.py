@@ -66,13 +66,45 @@ def _finished(out: Path, recipe: Any, stages: list[int]) -> bool:
 
 def run_sweep(job: SweepJob) -> dict[str, Any]:
     """Convert with every mixer, evaluate all of them the same way, return (and write) the table."""
-    from qwerky.data import build_token_cache, heldout_windows
-    from qwerky.eval.quality import compare_models
-    from qwerky.eval.speed import decode_run
-    from qwerky.modeling.mixer_base import get_mixer
     from qwerky.surgery import convert_teacher, load_student
-    from qwerky.teacher import load_teacher, load_tokenizer
-    from qwerky.train import ConvertJob, run_conversion
+    from qwerky.teacher import load_teacher
+
+    recipes = _check_mixers(job)  # every recipe validated before any work
+    job.out.mkdir(parents=True, exist_ok=True)
+    _convert_all(job, recipes)
+    first = next(iter(recipes.values()))
+    seq_len = job.seq_len or max((first.stage(s).seq_len for s in job.stages if s > 0 and first.stage(s).enabled),
+                                 default=first.data.eval_seq_len)
+    device = torch.device("cuda" if job.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if job.device == "auto" else job.device)
+    teacher = load_teacher(job.teacher).to(device).eval()
+    windows = _heldout(job, first, seq_len)
+    print(f"evaluating {len(job.mixers)} students and the window baseline on {windows.shape[0]} held-out windows "
+          f"of {seq_len} tokens", flush=True)
+    models: dict[str, Any] = {BASELINE: convert_teacher(teacher, mixer="window").eval()}
+    for mixer in job.mixers:
+        models[mixer] = load_student(job.out / mixer, device=device)
+    rows = _quality_rows(teacher, models, windows.to(device))
+    teacher_rate = _decode_columns(job, teacher, models, rows)
+    result = {
+        "teacher": str(job.teacher), "recipe": {k: v for k, v in first.to_dict().items() if k != "student"},
+        "stages": job.stages, "mixers": job.mixers, "eval": {"seq_len": seq_len, "windows": int(windows.shape[0]),
+                                                             "tokens": int(windows.shape[0] * (seq_len - 1))},
+        "decode": {"context": job.decode_context, "batch": job.decode_batch, "steps": job.decode_steps,
+                   "repeats": job.repeats, "device": str(device), "teacher_tokens_per_s": teacher_rate},
+        "training_tokens": {m: _training_tokens(job.out / m) for m in job.mixers},
+        "rows": [{"model": name, **row} for name, row in rows.items()],  # a list: JSON keeps the order
+    }
+    from qwerky.train.checkpoint import atomic_write_bytes, atomic_write_json
+
+    atomic_write_json(job.out / "sweep.json", result)
+    atomic_write_bytes(job.out / "sweep.md", render_sweep_md(result).encode())
+    return result
+
+
+def _check_mixers(job: SweepJob) -> dict[str, Any]:
+    """Each mixer's recipe, or a QwerkyError naming an unknown mixer (before anything is written)."""
+    from qwerky.modeling.mixer_base import get_mixer
 
     if not job.mixers:
         raise QwerkyError("qwerky sweep needs at least one mixer (--mixers rwkv7,window,...)")
@@ -81,9 +113,13 @@ def run_sweep(job: SweepJob) -> dict[str, Any]:
             get_mixer(mixer)
         except ValueError as err:
             raise QwerkyError(f"--mixers: {err}") from None
-    recipes = {m: _recipe_for(job, m) for m in job.mixers}  # every recipe validated before any work
-    job.out.mkdir(parents=True, exist_ok=True)
-    cache_dir = job.out / "token-cache"
+    return {m: _recipe_for(job, m) for m in job.mixers}
+
+
+def _convert_all(job: SweepJob, recipes: dict[str, Any]) -> None:
+    """One conversion per mixer, sharing one token cache; a finished one (same recipe and stages) is reused."""
+    from qwerky.train import ConvertJob, run_conversion
+
     for i, (mixer, recipe) in enumerate(recipes.items(), 1):
         out = job.out / mixer
         if _finished(out, recipe, job.stages):
@@ -92,33 +128,40 @@ def run_sweep(job: SweepJob) -> dict[str, Any]:
         print(f"[{i}/{len(recipes)}] {mixer}: converting -> {out}", flush=True)
         run_conversion(ConvertJob(teacher=job.teacher, out=out, recipe=recipe, data=job.data, heldout=job.heldout,
                                   stages=job.stages, resume=job.resume, overwrite=not job.resume,
-                                  device=job.device, cache_dir=cache_dir))
+                                  device=job.device, cache_dir=job.out / "token-cache"))
 
-    first = next(iter(recipes.values()))
-    seq_len = job.seq_len or max((first.stage(s).seq_len for s in job.stages if s > 0 and first.stage(s).enabled),
-                                 default=first.data.eval_seq_len)
-    device = torch.device("cuda" if job.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if job.device == "auto" else job.device)
-    teacher = load_teacher(job.teacher).to(device).eval()
-    cache = build_token_cache(job.data, load_tokenizer(job.teacher), cache_dir, heldout_paths=job.heldout or None,
-                              heldout_fraction=first.data.heldout_fraction, seed=first.data.seed,
-                              text_field=first.data.text_field)
+
+def _heldout(job: SweepJob, recipe: Any, seq_len: int) -> torch.Tensor:
+    from qwerky.data import build_token_cache, heldout_windows
+    from qwerky.teacher import load_tokenizer
+
+    cache = build_token_cache(job.data, load_tokenizer(job.teacher), job.out / "token-cache",
+                              heldout_paths=job.heldout or None, heldout_fraction=recipe.data.heldout_fraction,
+                              seed=recipe.data.seed, text_field=recipe.data.text_field)
     if len(cache.heldout) <= seq_len:
         raise QwerkyError(f"the held-out text has {len(cache.heldout)} tokens, too few for one {seq_len}-token "
                           "window; pass more --heldout text or a shorter --seq-len")
-    windows = heldout_windows(cache.heldout, seq_len, first.data.eval_windows)
-    print(f"evaluating {len(job.mixers)} students and the window baseline on {windows.shape[0]} held-out windows "
-          f"of {seq_len} tokens", flush=True)
-    models: dict[str, Any] = {BASELINE: convert_teacher(teacher, mixer="window").eval()}
-    for mixer in job.mixers:
-        models[mixer] = load_student(job.out / mixer, device=device)
+    return heldout_windows(cache.heldout, seq_len, recipe.data.eval_windows)
+
+
+def _quality_rows(teacher: Any, models: dict[str, Any], windows: torch.Tensor) -> dict[str, dict[str, Any]]:
+    from qwerky.eval.quality import compare_models
+
     rows: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for name, model in models.items():
-            q = compare_models(teacher, model, windows.to(device))
+            q = compare_models(teacher, model, windows)
             s = q["student"]
             rows[name] = {"kl": s["kl"], "top1": s["top1"], "ppl_ratio": s["ppl_ratio"],
                           "teacher_ppl": q["teacher"]["ppl"]}
+    return rows
+
+
+def _decode_columns(job: SweepJob, teacher: Any, models: dict[str, Any], rows: dict[str, dict[str, Any]]) -> float:
+    """Decode speed (ratio to the teacher's, in turns) and state per sequence into `rows`, plus the teacher's row;
+    returns the teacher's tokens/s."""
+    from qwerky.eval.speed import decode_run
+
     timed = {"teacher": teacher, **models}
     rates: dict[str, list[float]] = {name: [] for name in timed}
     memory: dict[str, float] = {}
@@ -139,21 +182,7 @@ def run_sweep(job: SweepJob) -> dict[str, Any]:
         rows[name]["mixer"] = "window" if name == BASELINE else name
     rows["teacher"] = {"kl": 0.0, "top1": 1.0, "ppl_ratio": 1.0, "state_bytes_per_sequence": memory["teacher"],
                        "decode_ratio": 1.0, "mixer": "softmax attention (KV cache)"}
-    result = {
-        "teacher": str(job.teacher), "recipe": {k: v for k, v in first.to_dict().items() if k != "student"},
-        "stages": job.stages, "mixers": job.mixers, "eval": {"seq_len": seq_len, "windows": int(windows.shape[0]),
-                                       "tokens": int(windows.shape[0] * (seq_len - 1))},
-        "decode": {"context": job.decode_context, "batch": job.decode_batch, "steps": job.decode_steps,
-                   "repeats": job.repeats, "device": str(device), "teacher_tokens_per_s": teacher_rate},
-        "training_tokens": {m: _training_tokens(job.out / m) for m in job.mixers},
-        "rows": [{"model": name, **row} for name, row in rows.items()],  # a list: JSON keeps the order
-    }
-    md = render_sweep_md(result)
-    from qwerky.train.checkpoint import atomic_write_bytes, atomic_write_json
-
-    atomic_write_json(job.out / "sweep.json", result)
-    atomic_write_bytes(job.out / "sweep.md", md.encode())
-    return result
+    return teacher_rate
 
 
 def _training_tokens(out: Path) -> int:
