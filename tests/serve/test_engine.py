@@ -23,9 +23,27 @@ def student(request: pytest.FixtureRequest):
     return convert_teacher(tiny_teacher("qwen2"), mixer=request.param)
 
 
-def test_batched_greedy_matches_generate(student) -> None:
-    """Rows join and leave at different times (max_concurrent 3 < 4 prompts, different max_tokens)."""
-    _check_batched_greedy(student)
+def _context_dependent(student):
+    """Weights large enough that every greedy step depends on the cached context, and no zero-gated branch
+    (the window student's starts at zero): an untrained tiny model repeats one token per prompt, which a
+    state row mixed up between requests would repeat just the same."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in student.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.5)
+            else:
+                weight.add_(torch.randn_like(weight) * 0.05)
+    return student
+
+
+@pytest.mark.parametrize("mixer", mixer_names())
+def test_batched_greedy_matches_generate(mixer: str) -> None:
+    """Rows join and leave at different times (max_concurrent 3 < 4 prompts, different max_tokens); the model's
+    tokens depend on each row's own state, so a row served with another's state would show."""
+    student = _context_dependent(convert_teacher(tiny_teacher("qwen2"), mixer=mixer))
+    refs = _check_batched_greedy(student)
+    assert all(len(set(r)) > len(r) // 2 for r in refs), refs
 
 
 def test_hybrid_student_batched_greedy_matches_generate() -> None:
@@ -33,12 +51,7 @@ def test_hybrid_student_batched_greedy_matches_generate() -> None:
 
     The tiny random model repeats one token per prompt; larger weights make every step's choice depend on
     the cached context, so a cache mixed up between rows would show."""
-    student = convert_teacher(tiny_teacher("qwen2"), mixer="rwkv7", attention_layers=[1])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in student.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.5)
+    student = _context_dependent(convert_teacher(tiny_teacher("qwen2"), mixer="rwkv7", attention_layers=[1]))
     refs = _check_batched_greedy(student)
     assert all(len(set(r)) > len(r) // 2 for r in refs), refs
 
