@@ -122,12 +122,14 @@ def chunk_gated_delta_rule_torch(
     dtype = v.dtype
     C = chunk_size
     pad = (-T) % C
-    xs = [x.float().transpose(1, 2) for x in (q, k, v)]  # (B, H, T, D)
-    gb = [x.float().transpose(1, 2) for x in (g, beta)]  # (B, H, T)
     layout = None if cu_seqlens is None else chunk_layout(cu_seqlens, C, T)
+    xs, gb = [x.float() for x in (q, k, v)], [x.float() for x in (g, beta)]
     if layout is not None:  # each sequence from a chunk boundary, zero steps (g = beta = k = 0) between
-        xs = [to_chunk_stream(x, layout, dim=2) for x in xs]
-        gb = [to_chunk_stream(x, layout, dim=2) for x in gb]
+        xs = [to_chunk_stream(x, layout, dim=1) for x in xs]
+        gb = [to_chunk_stream(x, layout, dim=1) for x in gb]
+    xs = [x.transpose(1, 2) for x in xs]  # (B, H, T, D)
+    gb = [x.transpose(1, 2) for x in gb]  # (B, H, T)
+    if layout is not None:
         pad = layout.num_chunks * C - T
     elif pad:  # padded steps: g = 0 (no decay), beta = 0 and k = 0 (no write) -> state and outputs unaffected
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]

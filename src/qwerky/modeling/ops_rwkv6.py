@@ -90,10 +90,12 @@ def chunk_rwkv6_torch(
     dtype = v.dtype
     C = chunk_size
     pad = (-T) % C
-    xs = [x.float().transpose(1, 2) for x in (r, k, v, w)]  # (B, H, T, D)
     layout = None if cu_seqlens is None else chunk_layout(cu_seqlens, C, T)
-    if layout is not None:  # each sequence from a chunk boundary, zero steps between
-        xs = [to_chunk_stream(x, layout, dim=2) for x in xs]
+    xs = [x.float() for x in (r, k, v, w)]
+    if layout is not None:  # each sequence from a chunk boundary, zero steps between (rows copied whole)
+        xs = [to_chunk_stream(x, layout, dim=1) for x in xs]
+    xs = [x.transpose(1, 2) for x in xs]  # (B, H, T, D)
+    if layout is not None:
         pad = layout.num_chunks * C - T
     elif pad:
         xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]

@@ -75,23 +75,33 @@ def segment_scan(
     """The chunk-to-chunk scan S <- update(transition_n, increment_n, S) of each sequence from its own
     initial state, all sequences at once. transition [H, N, ...] and increment [H, N, K, V] per chunk of the
     stream (N = layout.num_chunks), initial_state [S, H, K, V]. Returns the state entering each chunk
-    [H, N, K, V] and each sequence's final state [S, H, K, V] (its initial state when it has no tokens)."""
-    state = initial_state.float().transpose(0, 1).clone()  # [H, S, K, V]
-    starts = increment.new_empty(increment.shape)
+    [H, N, K, V] and each sequence's final state [S, H, K, V] (its initial state when it has no tokens).
+
+    As in a packed RNN batch: sequences sorted longest first, so the ones still running at step j are a
+    prefix of the state, and the chunks are gathered once into step order (j-th chunk of every running
+    sequence side by side), so each step reads and writes contiguous slices."""
     cu = layout.cu_chunks
     counts = [b - a for a, b in zip(cu, cu[1:])]
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    steps = max(counts, default=0)
+    running = [sum(1 for i in order if counts[i] > j) for j in range(steps)]
+    perm_list = [cu[i] + j for j in range(steps) for i in order[:running[j]]]
     device = increment.device
-    for j in range(max(counts, default=0)):
-        live = [i for i, c in enumerate(counts) if c > j]
-        if len(live) == len(counts):
-            seqs, ids = slice(None), torch.tensor([cu[i] + j for i in live], device=device)
-        else:
-            seqs = torch.tensor(live, device=device)
-            ids = torch.tensor([cu[i] + j for i in live], device=device)
-        s = state[:, seqs]
-        starts[:, ids] = s
-        state[:, seqs] = update(transition[:, ids], increment[:, ids], s)
-    return starts, state.transpose(0, 1)
+    identity = perm_list == list(range(increment.shape[1]))  # one sequence: chunks already in step order
+    perm = torch.tensor(perm_list, device=device, dtype=torch.long)
+    trans, inc = (transition, increment) if identity else (transition.index_select(1, perm),
+                                                          increment.index_select(1, perm))
+    state = initial_state.float().transpose(0, 1)[:, order].contiguous()  # [H, S, K, V], longest first
+    starts_p = inc.new_empty(inc.shape)
+    offset = 0
+    for live in running:
+        s = state[:, :live]
+        starts_p[:, offset:offset + live] = s
+        state[:, :live] = update(trans[:, offset:offset + live], inc[:, offset:offset + live], s)
+        offset += live
+    starts = starts_p if identity else increment.new_zeros(increment.shape).index_copy_(1, perm, starts_p)
+    finals = torch.empty_like(state).index_copy_(1, torch.tensor(order, device=device, dtype=torch.long), state)
+    return starts, finals.transpose(0, 1)
 
 
 def matrix_update(transition: torch.Tensor, increment: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
