@@ -39,8 +39,12 @@ def _convert(teacher: Path, data: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _checkpoint_model(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / f"{tag}.pt", weights_only=False)["model"]
+def _checkpoint_model(run_dir: Path, tag: str, teacher: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights: what it holds (what was trained), the rest the frozen teacher's."""
+    from qwerky.teacher import load_teacher
+
+    model = {k: v.detach() for k, v in load_teacher(teacher).state_dict().items()}
+    return {**model, **torch.load(run_dir / "checkpoints" / f"{tag}.pt", weights_only=False)["model"]}
 
 
 def test_guard_undoes_a_stage_that_makes_the_student_worse(teacher_dir: Path, text_file: Path, tmp_path: Path,
@@ -58,7 +62,7 @@ def test_guard_undoes_a_stage_that_makes_the_student_worse(teacher_dir: Path, te
     md = (out / "report.md").read_text()
     assert "**Warning:** stage 2 made the student worse" in md and "the weights after stage1" in md
     exported = load_file(out / "model.safetensors")
-    before = _checkpoint_model(tmp_path / "s.run", "stage1-done")
+    before = _checkpoint_model(tmp_path / "s.run", "stage1-done", teacher_dir)
     wrecked = report["quality_by_stage"]["stage2"]["student"]["kl"]
     assert wrecked > report["quality"]["student"]["kl"]
     for name, t in exported.items():

@@ -1,8 +1,10 @@
 """Atomic, verified training checkpoints.
 
-Each checkpoint is one file `step-XXXXXXXX.pt` written to a temporary name, fsynced and renamed into
-place, with a sha256 recorded in `manifest.json` (itself replaced atomically). Loading verifies the
-hash; a corrupt or partial file is reported and the previous good checkpoint is used instead.
+Each checkpoint is one file `TAG.pt` written to a temporary name, fsynced and renamed into place, with a
+sha256 recorded in `manifest.json` (itself replaced atomically). Loading verifies the hash; a corrupt or
+partial file is reported and the previous good checkpoint is used instead. The newest `keep` checkpoints
+stay, and the newest *pinned* one (a stage boundary) as well, so a stage that must be rolled back (it
+diverged) can always be started again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep: int = 2) -> None:
         self.dir = Path(directory)
         self.keep = max(1, keep)
+        self.loaded_tag: str | None = None  # the tag `load_latest` returned
 
     @property
     def manifest_path(self) -> Path:
@@ -74,7 +78,8 @@ class CheckpointManager:
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return []
 
-    def save(self, payload: dict[str, Any], tag: str) -> Path:
+    def save(self, payload: dict[str, Any], tag: str, pin: bool = False) -> Path:
+        """Write `payload` as TAG.pt and list it last in the manifest; `pin`: kept until a newer pinned one."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{tag}.pt"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.dir)
@@ -90,14 +95,32 @@ class CheckpointManager:
             Path(tmp).unlink(missing_ok=True)
             raise
         entries = [e for e in self._manifest() if e["file"] != path.name]
-        entries.append({"file": path.name, "sha256": digest, "tag": tag})
-        for old in entries[: -self.keep]:
-            (self.dir / old["file"]).unlink(missing_ok=True)
-        atomic_write_json(self.manifest_path, {"checkpoints": entries[-self.keep:]})
+        entries.append({"file": path.name, "sha256": digest, "tag": tag, **({"pinned": True} if pin else {})})
+        pinned = [e for e in entries if e.get("pinned")][-1:]
+        kept = [e for e in entries if e in entries[-self.keep:] or e in pinned]
+        self._write(kept, gone=[e for e in entries if e not in kept])
         return path
 
+    def drop(self, tags: Callable[[str], bool]) -> list[str]:
+        """Remove the checkpoints whose tag `tags` accepts (a rolled-back stage's); returns their tags."""
+        entries = self._manifest()
+        gone = [e for e in entries if tags(e["tag"])]
+        self._write([e for e in entries if e not in gone], gone)
+        return [e["tag"] for e in gone]
+
+    def _write(self, entries: list[dict[str, Any]], gone: list[dict[str, Any]]) -> None:
+        """The manifest first (it never lists a missing file), then the files no longer listed."""
+        atomic_write_json(self.manifest_path, {"checkpoints": entries})
+        for e in gone:
+            (self.dir / e["file"]).unlink(missing_ok=True)
+
+    def newest_tag(self) -> str | None:
+        entries = self._manifest()
+        return entries[-1]["tag"] if entries else None
+
     def load_latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint whose hash verifies; None when there is none."""
+        """The newest checkpoint whose hash verifies (its tag in `loaded_tag`); None when there is none."""
+        self.loaded_tag = None
         for entry in reversed(self._manifest()):
             path = self.dir / entry["file"]
             if not path.is_file():
@@ -107,9 +130,12 @@ class CheckpointManager:
                 log.warning("checkpoint %s is corrupt or partial (sha256 mismatch); using the previous one", path)
                 continue
             try:
-                return torch.load(path, map_location="cpu", weights_only=False)
+                payload = torch.load(path, map_location="cpu", weights_only=False)
             except Exception as err:  # noqa: BLE001 - an unreadable file is as bad as a corrupt one
                 log.warning("checkpoint %s unreadable (%s); using the previous one", path, err)
+                continue
+            self.loaded_tag = entry["tag"]
+            return payload
         return None
 
 
@@ -122,14 +148,16 @@ def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo) -> None:
-    """The inverse of `full_state_dict`, strict: every key of `model` must be in `state` and no other."""
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo,
+                         strict: bool = True) -> None:
+    """The inverse of `full_state_dict`; strict: every key of `model` must be in `state` (else a subset, which the
+    caller has checked) and no other."""
     if not info.enabled:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

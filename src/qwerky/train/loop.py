@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from qwerky.data import PackedBatches
 from qwerky.teacher import QwerkyError
 
+from .checkpoint import atomic_write_bytes
 from .parallel import DistInfo, all_reduce_mean, from_rank0
 from .recipe import StageSpec
 
@@ -78,20 +79,26 @@ class JsonlLog:
             except ImportError:
                 self.tb = None
 
-    def truncate_after(self, stage: int, step: int) -> None:
-        """On resume: drop lines the killed run wrote after its last checkpoint."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("stage", 0) > stage or (rec.get("stage") == stage and rec.get("step", 0) > step):
-                continue
-            keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+    def resume_at(self, stage: int, step: int, record: dict[str, Any]) -> dict[str, Any]:
+        """On resume (or a fresh start under --resume): drop what the killed run logged after the point it resumes
+        from (stage, step), so no step is logged twice and the log stays valid JSONL (a line cut by the kill
+        goes too), then append `record` (an {"event": "resumed", ...}) with what was dropped: how many records
+        and the seconds of step work they stood for (to be done again). Returns the record as written."""
+        kept, dropped = [], []
+        if self.enabled and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                (dropped if (rec.get("stage") or 0, rec.get("step") or 0) > (stage, step) else kept).append(line)
+        steps = [json.loads(x) for x in dropped]
+        record = {**record, "dropped_records": len(dropped),
+                  "redone_s": round(sum(r.get("step_s", 0.0) for r in steps if "event" not in r), 3)}
+        if self.enabled:
+            lines = [*kept, json.dumps(_finite_or_null(record), allow_nan=False)]
+            atomic_write_bytes(self.path, "".join(x + "\n" for x in lines).encode())
+        return record
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -208,7 +215,6 @@ def run_stage(
         set_rng_state(resume["rng"])
         step, elapsed, last_loss = resume["step"], resume["elapsed"], resume.get("loss", float("nan"))
         cpu = resume.get("cpu", 0.0)
-        log.truncate_after(stage, step)
 
     def payload() -> dict[str, Any]:
         return {"step": step, "elapsed": elapsed, "cpu": cpu, "loss": last_loss, "optimizer": optimizer.state_dict(),
@@ -252,8 +258,7 @@ def run_stage(
             raise NonFiniteTraining(
                 f"stage {stage}: the loss or its gradient was NaN/inf on {nonfinite_run} steps in a row (step "
                 f"{step}; {nonfinite_steps} skipped in this stage); stopped before anything non-finite was saved. "
-                f"Lower stage{stage}.lr (now {spec.lr:g}) or set stage{stage}.grad_clip, then rerun (--resume "
-                "continues from the last checkpoint when the recipe is unchanged)")
+                f"Lower stage{stage}.lr (now {spec.lr:g}) or set stage{stage}.grad_clip, then rerun with --resume.")
         now = time.perf_counter()
         elapsed, cpu = now - t0, time.process_time() - c0
         tokens = step * batches.tokens_per_batch

@@ -51,7 +51,7 @@ from .checkpoint import (
 from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import parse_keep_attention
-from .loop import JsonlLog, choose_threads, run_stage
+from .loop import JsonlLog, NonFiniteTraining, choose_threads, run_stage
 from .memory import stage_needs_checkpointing
 from .parallel import (
     DistInfo,
@@ -103,19 +103,26 @@ def validate_job(job: ConvertJob) -> None:
     bad = [s for s in job.stages if s not in (0, 1, 2, 3, 4)]
     if bad:
         raise QwerkyError(f"--stages accepts 0 (conversion only) and 1,2,3,4; got {bad}")
-    training = [s for s in job.stages if s > 0]
-    if training and not job.data:
+    if any(s > 0 for s in job.stages) and not job.data:
         raise QwerkyError("training stages need text: pass --data FILE... (.txt, .jsonl, .jsonl.gz, .parquet, "
                           "or a saved datasets folder), or --stages 0 for conversion only")
-    sources = (resolve_sources(job.data) if job.data else []) + (resolve_sources(job.heldout) if job.heldout else [])
-    for source in sources:
-        for f in source.files():  # DataError above for a missing path or an unsupported kind
+    _check_text(job.data + job.heldout)
+    _check_outputs(job)
+
+
+def _check_text(paths: list[Path]) -> None:
+    """Every data path exists, is of a kind qwerky reads (DataError from resolve_sources) and is not empty."""
+    for source in resolve_sources(paths) if paths else []:
+        for f in source.files():
             if f.is_file() and f.stat().st_size == 0:
                 raise DataError(f"data file {f} is empty (pass a file with text in it)")
+
+
+def _check_outputs(job: ConvertJob) -> None:
+    """An earlier run's checkpoints or output are never overwritten unasked (--resume without a checkpoint is
+    a fresh start, which scripted retries need)."""
     assert job.run_dir is not None
     has_ckpt = (job.run_dir / "checkpoints" / "manifest.json").exists()
-    if job.resume and not has_ckpt:
-        raise QwerkyError(f"--resume: no checkpoint in {job.run_dir} (run without --resume to start)")
     if not job.resume and has_ckpt and not job.overwrite:
         raise QwerkyError(f"{job.run_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                           "--overwrite to start again, or another --run-dir")
@@ -144,6 +151,7 @@ class RunState:
     hybrid: dict[str, Any] | None = None  # the layers a hybrid keeps as attention, once chosen after stage 1
     unshared_all: bool = False  # the student owns every weight (not only its mixers')
     lora: int = 0  # rank of the MLP LoRA adapters in the student (0: none)
+    trained: list[str] = field(default_factory=list)  # weights some stage has trained: checkpoints hold them
 
     def to_payload(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -152,7 +160,8 @@ class RunState:
     def from_payload(cls, payload: dict[str, Any]) -> RunState:
         return cls(summaries=payload["summaries"], evals=payload.get("evals", {}), guard=dict(payload.get("guard", {})),
                    kept=payload.get("kept", "stage0"), hybrid=payload.get("hybrid"),
-                   unshared_all=bool(payload.get("unshared_all")), lora=int(payload.get("lora") or 0))
+                   unshared_all=bool(payload.get("unshared_all")), lora=int(payload.get("lora") or 0),
+                   trained=list(payload.get("trained", [])))
 
 
 @dataclass
@@ -207,6 +216,7 @@ class Conversion:
         self.cache = self.token_cache()
         self.open_run_dir()
         self.load_resume()
+        self.check_options()
         self.build_student()
         if self.cache is not None and len(self.cache.heldout) > self.recipe.data.eval_seq_len:
             self.windows = heldout_windows(self.cache.heldout, self.recipe.data.eval_seq_len,
@@ -220,6 +230,8 @@ class Conversion:
         if self.guard_on:
             self.teacher_context = from_rank0(
                 _measure_teacher_context(self.teacher, self.cache, self.recipe, self.training), self.info)
+        if self.training and self.resume is None:  # a kill or a diverged stage 1 goes back here, not to surgery
+            self.checkpoint(self.training[0], None, tag="stage0-done")
 
     def token_cache(self) -> Any:
         """The tokenised text (None without --data): rank 0 builds it, the other ranks then read it."""
@@ -243,22 +255,44 @@ class Conversion:
                                self.run_dir / "tb" if self.recipe.train.tensorboard else None)
 
     def load_resume(self) -> None:
-        """With --resume: the newest good checkpoint and the run state it carries; checks what resuming needs."""
-        if self.job.resume:
-            self.resume = self.ckpt.load_latest()
-            if self.resume is None:
-                raise QwerkyError(f"--resume: every checkpoint in {self.run_dir / 'checkpoints'} is corrupt or "
-                                  "missing")
-            if self.resume.get("recipe") != self.recipe.to_dict():
-                raise QwerkyError("--resume: the recipe differs from the checkpointed run's (same --recipe and --set "
-                                  "needed)")
-            self.state = RunState.from_payload(self.resume)
+        """With --resume: the newest good checkpoint and the run state it carries, and a "resumed" record in the
+        log in place of what the killed run logged after it; with no checkpoint yet, a fresh start (a notice).
+        Checks what resuming needs."""
+        if self.job.resume and self.ckpt.newest_tag() is None:
+            message = f"--resume: no checkpoint in {self.run_dir} yet; starting from the beginning"
+            self.logger.resume_at(0, 0, {"event": "resumed", "stage": 0, "step": 0, "checkpoint": None,
+                                         "message": message})
+            self.say(message, logging.WARNING)
+        elif self.job.resume:
+            self.resume_from_checkpoint()
+
+    def check_options(self) -> None:
+        """Recipe choices this teacher or this process layout cannot take."""
         self.keep_k = parse_keep_attention(self.recipe.student.keep_attention, self.teacher.config.num_hidden_layers)
         if self.keep_k is not None and (self.info.enabled or 1 not in self.training):
             raise QwerkyError("student.keep_attention=auto:K needs stage 1 (its cost ranking reads the trained "
                               "mixers) and a single process (not torchrun)")
         if self.info.enabled and any(s >= 3 and self.recipe.stage(s).lora_rank > 0 for s in self.training):
             raise QwerkyError("stage3.lora_rank > 0 is for single-GPU runs; with torchrun/FSDP2 train full weights")
+
+    def resume_from_checkpoint(self) -> None:
+        self.resume = self.ckpt.load_latest()
+        if self.resume is None:
+            raise QwerkyError(f"--resume: every checkpoint in {self.run_dir / 'checkpoints'} is corrupt or missing "
+                              "(pass --overwrite to start again)")
+        stage, step = self.resume["stage"], (self.resume["stage_state"] or {}).get("step", 0)
+        changed = _recipe_changes(self.resume.get("recipe") or {}, self.recipe.to_dict(), stage, started=step > 0)
+        if changed:
+            raise QwerkyError(f"--resume: the recipe differs from the checkpointed run's in {', '.join(changed)} "
+                              f"(same --recipe and --set needed; only stages not begun yet, stage{stage} on, may "
+                              "change)")
+        self.state = RunState.from_payload(self.resume)
+        tag = self.ckpt.loaded_tag
+        record = self.logger.resume_at(stage, step, {
+            "event": "resumed", "stage": stage, "step": step, "checkpoint": tag,
+            "message": f"resumed at stage {stage} step {step} from checkpoint {tag}"})
+        self.say(f"resumed at stage {stage} step {step} from checkpoint {tag} ({record['dropped_records']} log "
+                 f"records after it dropped: {record['redone_s']} s of steps to do again)")
 
     def build_student(self) -> None:
         """Stage 0: surgery, the student's own copies of what it trains, calibration and the output-scale fit
@@ -298,8 +332,24 @@ class Conversion:
             self.owns = level
         self.state.unshared_all = self.owns == "all"
 
+    def stored_keys(self) -> set[str]:
+        """The weights a checkpoint holds: the mixers' (calibrated, fitted and trained from stage 1 on), every
+        weight some stage has trained so far, and any the teacher has no counterpart of. The rest are the
+        frozen teacher's, as stage-0 surgery rebuilds them on resume, so they are not written again."""
+        attn = f".{self.student.config.attention_name}."
+        if not hasattr(self, "_teacher_keys"):
+            self._teacher_keys = set(self.teacher.state_dict())
+        return {k for k in self.student.state_dict()
+                if (".layers." in k and attn in k) or k not in self._teacher_keys} | set(self.state.trained)
+
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        load_full_state_dict(self.student, state, self.info)
+        """A checkpoint's weights into the rebuilt student: every key it must hold, and no other."""
+        own = set(self.student.state_dict())
+        missing, unknown = sorted(self.stored_keys() - set(state)), sorted(set(state) - own)
+        if missing or unknown:
+            raise QwerkyError(f"--resume: the checkpoint does not fit this student (weights missing {missing[:3]}, "
+                              f"unknown {unknown[:3]}); resume with the same --teacher, or pass --overwrite")
+        load_full_state_dict(self.student, state, self.info, strict=set(state) == own)
 
     # --- one stage -----------------------------------------------------------------------------------------
 
@@ -308,7 +358,10 @@ class Conversion:
         params = self.make_trainable(stage, spec)
         resumed = self.resume["stage_state"] if self.resume is not None and self.resume.get("stage") == stage else None
         guard = self.guard_before(stage, spec, mid_stage=resumed is not None)
-        summary = self.train(stage, spec, params, resumed)
+        try:
+            summary = self.train(stage, spec, params, resumed)
+        except NonFiniteTraining as err:
+            raise NonFiniteTraining(f"{err} {self.roll_back(stage)}") from None
         self.state.summaries.append(summary)
         self.evaluate(stage)
         self.state.kept = f"stage{stage}"
@@ -318,6 +371,19 @@ class Conversion:
             self.choose_hybrid()
         self.checkpoint(stage + 1, None, tag=f"stage{stage}-done")
 
+    def roll_back(self, stage: int) -> str:
+        """After a stage diverged: its own checkpoints go, so --resume starts it again from its first step (its
+        optimiser and schedule were built for the learning rate that diverged; a changed stage{S}.lr is then
+        accepted). Returns a sentence saying where the run now resumes."""
+        if self.info.is_main:
+            self.ckpt.drop(lambda tag: tag.startswith(f"stage{stage}-step"))
+        barrier(self.info)
+        tag = self.ckpt.newest_tag()
+        if tag is None:
+            return "There is no checkpoint before it: rerun without --resume."
+        return (f"Stage {stage}'s own checkpoints were dropped, so --resume starts it again from checkpoint {tag} "
+                f"(a changed stage{stage} section is accepted there).")
+
     def make_trainable(self, stage: int, spec: Any) -> list[torch.nn.Parameter]:
         """The stage's trainable parameters (requires_grad set): own copies first, LoRA adapters when asked."""
         self.unshare(stage)
@@ -325,7 +391,10 @@ class Conversion:
         if rank and not self.state.lora:
             add_mlp_lora(self.student, rank)
             self.state.lora = rank
-        return trainable_parameters(stage, self.student, spec)
+        params = trainable_parameters(stage, self.student, spec)
+        trainable = {n for n, p in self.student.named_parameters(remove_duplicate=False) if p.requires_grad}
+        self.state.trained = sorted(set(self.state.trained) | trainable)
+        return params
 
     def layer_checkpointing(self, stage: int, spec: Any) -> bool:
         """Whether this stage recomputes the student's decoder layers in backward (train.activation_checkpointing:
@@ -442,10 +511,13 @@ class Conversion:
                 **self.state.to_payload()}
 
     def checkpoint(self, stage: int, stage_state: dict[str, Any] | None, tag: str) -> None:
-        """Write a checkpoint (rank 0; gathering the weights is a collective under FSDP2)."""
-        model = full_state_dict(self.student, self.info)
+        """Write a checkpoint (rank 0; gathering the weights is a collective under FSDP2): the weights of
+        `stored_keys` only, not the frozen teacher's. A stage boundary (no `stage_state`) is pinned: it survives
+        rotation until the next one, so a diverged stage can start again from it."""
+        keys = self.stored_keys()
+        model = {k: v for k, v in full_state_dict(self.student, self.info).items() if k in keys}
         if self.info.is_main:
-            self.ckpt.save(self.checkpoint_payload(stage, stage_state, model), tag=tag)
+            self.ckpt.save(self.checkpoint_payload(stage, stage_state, model), tag=tag, pin=stage_state is None)
         barrier(self.info)
 
     # --- finish --------------------------------------------------------------------------------------------
@@ -498,6 +570,13 @@ class Conversion:
 
 
 # --- helpers of the phases ---------------------------------------------------------------------------------
+
+
+def _recipe_changes(saved: dict[str, Any], now: dict[str, Any], stage: int, started: bool) -> list[str]:
+    """The recipe sections that differ from the checkpointed run's and may not: any but the stages the run has
+    not begun (from `stage` on, or after it once `started`), e.g. a lower lr for a stage that diverged."""
+    free = {f"stage{s}" for s in range(stage + int(started), 5)}
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in free)
 
 
 def _first_rows(cache: Any, rows: int, seq_len: int) -> torch.Tensor | None:
