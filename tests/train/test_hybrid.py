@@ -83,6 +83,25 @@ def test_convert_keep_attention_auto_exports_a_hybrid(teacher_dir: Path, text_fi
     assert res.stdout.split("GROWS ", 1)[1].split() == ["True", "AttentionMixer"]
 
 
+def test_a_hybrid_resumed_after_stage_1_ends_as_the_uninterrupted_run(teacher_dir: Path, text_file: Path,
+                                                                      tmp_path: Path) -> None:
+    """Resumed from stage 1's end, the student is rebuilt as the chosen hybrid and takes the checkpoint's weights
+    (which hold the mixers of the converted layers; the kept layer's mixer went with the rebuild)."""
+    from safetensors.torch import load_file
+
+    from qwerky.train.checkpoint import CheckpointManager
+
+    out = tmp_path / "hy"
+    args = ["convert", "--teacher", str(teacher_dir), "--data", str(text_file), "--out", str(out),
+            *[x for s in TINY for x in ("--set", s)], "--stages", "1,2", "--keep-attention", "auto:1"]
+    assert main(args) == 0
+    first = load_file(out / "model.safetensors")
+    assert CheckpointManager(tmp_path / "hy.run" / "checkpoints").drop(lambda tag: tag == "stage2-done")
+    assert main([*args, "--resume"]) == 0
+    again = load_file(out / "model.safetensors")
+    assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_greedy_search_finds_what_a_one_at_a_time_ranking_misses() -> None:
     """Layers 0 and 1 are each costly to convert alone, but their errors cancel when both are converted;
     layer 2 is mildly bad. The one-at-a-time ranking keeps 0 (leaving 1's error uncancelled); the greedy

@@ -339,8 +339,9 @@ class Conversion:
         attn = f".{self.student.config.attention_name}."
         if not hasattr(self, "_teacher_keys"):
             self._teacher_keys = set(self.teacher.state_dict())
+        trained = set(self.state.trained)  # (names a hybrid rebuild removed are not this student's: not asked)
         return {k for k in self.student.state_dict()
-                if (".layers." in k and attn in k) or k not in self._teacher_keys} | set(self.state.trained)
+                if (".layers." in k and attn in k) or k not in self._teacher_keys or k in trained}
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """A checkpoint's weights into the rebuilt student: every key it must hold, and no other."""
