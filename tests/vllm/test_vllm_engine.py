@@ -128,17 +128,32 @@ def test_weights_loaded_and_state_spec(llm, student_dir: Path) -> None:
     assert set(params) == (set(saved) - {n for n in saved if any(f".{s}." in n for s in stacked)}) | set(pieces)
 
 
-def _assert_greedy_equal(llm, student_dir: Path) -> None:
+def _greedy_pairs(llm, student_dir: Path, prompts: list, max_tokens: int = 32) -> list[tuple[list, list, str]]:
+    """(vLLM tokens, HF generate() tokens, vLLM finish reason) per prompt, both stopping at the folder's EOS:
+    vLLM's default (ignore_eos=False) against HF with that eos id and no min_new_tokens (which would mask
+    EOS and make the two differ whenever greedy picks it)."""
     from vllm import SamplingParams
 
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    eos = json.loads((student_dir / "config.json").read_text())["eos_token_id"]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
     model = load_student(student_dir)
-    lengths = []
+    pairs = []
     for out in outs:
         ids = torch.tensor([out.prompt_token_ids])
-        lengths.append(ids.shape[1])
-        ref = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
-        assert list(out.outputs[0].token_ids) == ref.tolist(), f"prompt of {ids.shape[1]} tokens"
+        ref = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        got = list(out.outputs[0].token_ids)
+        assert got == ref, f"prompt of {ids.shape[1]} tokens"
+        # like with like: vLLM stopped at EOS exactly when HF's tokens end with it
+        assert (out.outputs[0].finish_reason == "stop") == (len(ref) < max_tokens or ref[-1] == eos)
+        pairs.append((got, ref, out.outputs[0].finish_reason))
+    return pairs
+
+
+def _assert_greedy_equal(llm, student_dir: Path) -> None:
+    pairs = _greedy_pairs(llm, student_dir, PROMPTS)
+    lengths = [len(llm.get_tokenizer()(p).input_ids) for p in PROMPTS]
+    assert len(pairs) == len(PROMPTS)
     assert min(lengths) <= 8 and max(lengths) > 2 * 64  # really different lengths, one over two prefill chunks
 
 
@@ -146,6 +161,74 @@ def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
     """Prompts of 1 to ~130 tokens submitted together (chunked prefill at 64 tokens, decodes mixed with
     prefills): vLLM's 32 greedy tokens equal HF generate() of the same student, prompt by prompt."""
     _assert_greedy_equal(llm, student_dir)
+
+
+def _train_to_stop(student_dir: Path, steps: int = 150) -> Path:
+    """Train the tiny student (all weights, a few seconds) to answer each prompt with its first 4 tokens and
+    then EOS, so greedy picks EOS early: the case the old test (vLLM ignore_eos, HF min_new_tokens) could
+    not compare."""
+    from qwerky_testing import build_tokenizer
+
+    tok = build_tokenizer()
+    eos = json.loads((student_dir / "config.json").read_text())["eos_token_id"]
+    model = load_student(student_dir).train()
+    seqs, labels = [], []
+    for p in PROMPTS:
+        ids = tok(p).input_ids
+        answer = ids[:4] + [eos]
+        seqs.append(torch.tensor([ids + answer]))
+        labels.append(torch.tensor([[-100] * (len(ids) - 1) + [ids[-1]] + answer]))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        for x, y in zip(seqs, labels):
+            opt.zero_grad()
+            model(input_ids=x, labels=y).loss.backward()
+            opt.step()
+    save_student(model.eval(), tok, student_dir)
+    return student_dir
+
+
+def test_greedy_stops_at_eos_like_hf_generate_on_a_trained_student(tmp_path: Path) -> None:
+    """A student trained to answer and stop: vLLM (EOS respected) and HF generate() stop at the same EOS
+    with the same tokens, for prompts of 1 to ~130 tokens batched with chunked prefill."""
+    from vllm import LLM
+
+    student_dir = _train_to_stop(_make_student(tmp_path / "student", "rwkv7", "qwen3"))
+    engine = LLM(model=str(student_dir), **ENGINE_ARGS)
+    try:
+        pairs = _greedy_pairs(engine, student_dir, PROMPTS)
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+    stopped = [len(got) for got, _, reason in pairs if reason == "stop"]
+    assert len(stopped) >= len(PROMPTS) // 2, pairs  # greedy really picks EOS (the case being tested)
+
+
+REAL_STUDENT = Path(os.environ.get("QWERKY_REAL_STUDENT", "/work/data/real_run/window"))
+
+
+@pytest.mark.skipif(not (REAL_STUDENT / "config.json").exists(),
+                    reason=f"no trained student at {REAL_STUDENT} (set QWERKY_REAL_STUDENT to an exported folder)")
+def test_greedy_stops_at_eos_like_hf_generate_on_a_real_student() -> None:
+    """A student distilled from a real instruct teacher (SmolLM2-135M; development machines keep one): its
+    chat answer ends in EOS, and vLLM at fp32 gives HF generate()'s tokens up to and including it."""
+    from vllm import LLM
+
+    tok_prompts = ["What is the capital of France?", "Name three primary colours."]
+    engine = LLM(model=str(REAL_STUDENT), **{**ENGINE_ARGS, "max_model_len": 1024})
+    try:
+        tok = engine.get_tokenizer()
+        texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+                 for q in tok_prompts]
+        prompts = [{"prompt_token_ids": tok(text, add_special_tokens=False).input_ids} for text in texts]
+        pairs = _greedy_pairs(engine, REAL_STUDENT, prompts, max_tokens=48)
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+    assert any(reason == "stop" for _, _, reason in pairs), pairs
 
 
 # every other mixer the plugin serves, on teachers that exercise different parts: Qwen2's q/k/v biases,
