@@ -12,10 +12,14 @@ phases are its methods, in this order:
 - `checkpoint`: the one payload builder, for mid-stage and stage-end checkpoints alike;
 - `finish`: export and report.json / report.md.
 
-The run's state lives on the object (`RunState` is the part a checkpoint carries); `resume=True` continues
-from the newest good checkpoint in the run directory: same weights, optimiser, schedule, data position and
-RNG. User-facing notices go to the `qwerky.notice` logger (the CLI prints them); report.md is rendered by
-`qwerky.eval.report`.
+The run's state lives on the object (`RunState` is the part a checkpoint carries). Checkpoints are written
+after surgery, every `train.checkpoint_every` steps or `train.checkpoint_minutes`, and at every stage's end;
+each holds the weights some stage has trained (and the optimiser), not the frozen teacher's, which surgery
+rebuilds. `resume=True` continues from the newest good one: same weights, optimiser, schedule, data position
+and RNG; the killed run's log lines after it are replaced by one "resumed" record; with no checkpoint yet it
+starts afresh. A stage that diverges (loop.NonFiniteTraining) drops its own checkpoints, so a resume starts it
+again, with a changed learning rate if given. User-facing notices go to the `qwerky.notice` logger (the CLI
+prints them); report.md is rendered by `qwerky.eval.report`.
 """
 
 from __future__ import annotations
