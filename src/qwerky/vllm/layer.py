@@ -45,11 +45,14 @@ from qwerky.vllm.ops import PackedBatch, token_shift_packed
 
 
 def state_dtype(vllm_config: VllmConfig) -> torch.dtype:
-    """fp32 unless the user asked for another SSM-state dtype (--mamba-ssm-cache-dtype)."""
-    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
-
+    """Always fp32, whatever the weights' dtype: the state sums a whole context, and qwerky trains and tests
+    it in fp32. An explicit other --mamba-ssm-cache-dtype is refused at load rather than ignored."""
     name = getattr(vllm_config.cache_config, "mamba_ssm_cache_dtype", "auto")
-    return torch.float32 if name in (None, "auto") else STR_DTYPE_TO_TORCH_DTYPE[name]
+    if name not in (None, "auto", "float32"):
+        raise ValueError(f"--mamba-ssm-cache-dtype {name}: qwerky students keep their recurrent state in float32 "
+                         "(it accumulates the whole context; a 16-bit state is neither trained nor tested); "
+                         "leave it at auto or float32. The weights follow --dtype.")
+    return torch.float32
 
 
 class LowRankTP(nn.Module):
