@@ -127,12 +127,16 @@ def apply_fsdp(student: nn.Module, teacher: nn.Module, info: DistInfo, precision
 
 def apply_activation_checkpointing(model: nn.Module, on: bool) -> None:
     """Recompute each decoder layer of `model` (an HF base model) in its backward, or stop doing so; the one
-    place that switches it (the choice is per stage: pipeline's `layer_checkpointing`)."""
-    if on:
+    place that switches it (the choice is per stage: pipeline's `layer_checkpointing`). Transformers 5 names it
+    activation checkpointing; older versions, gradient checkpointing."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return
-    on_now = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name
-    if on_now if on_now is not None else model.is_gradient_checkpointing:
+    elif model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
 
