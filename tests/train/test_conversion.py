@@ -19,8 +19,9 @@ import qwerky.train.pipeline as pipeline
 from qwerky.eval.report import render_report_md
 from qwerky.surgery import convert_teacher
 from qwerky.train import ConvertJob, load_recipe
+from qwerky.train.hybrid import hybrid_key_map
 from qwerky.train.parallel import DistInfo, apply_activation_checkpointing, main_first
-from qwerky.train.pipeline import Conversion, RunState, hybrid_key_map
+from qwerky.train.pipeline import Conversion, RunState
 from qwerky.train.stages import recurrent_mixers
 from qwerky_testing import tiny_teacher
 

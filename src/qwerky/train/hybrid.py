@@ -10,7 +10,8 @@ and the curve K = 0, 1, 2, ... compares the greedy choice, the one-at-a-time ran
 of the same K, priced in memory per sequence at 8k tokens.
 
 All of it runs on the teacher with forward hooks (a mixer's output in place of its attention block's),
-so no model is rebuilt to score a choice.
+so no model is rebuilt to score a choice; once chosen, `rebuild_as_hybrid` builds the hybrid student and
+moves the trained mixers into it through an explicit key map.
 """
 
 from __future__ import annotations
@@ -169,3 +170,72 @@ def curve(teacher: nn.Module, mixers: Sequence[nn.Module], windows: torch.Tensor
             row["auto"] = {"layers": step["layers"], "kl": step["kl"], "top1": step["top1"]}
         rows.append(row)
     return rows
+
+
+def choose_hybrid(teacher: nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int) -> dict[str, Any]:
+    """After stage 1: the k layers to keep, chosen greedily; the one-at-a-time costs and the curve for every K
+    (the report's hybrid section)."""
+    student.eval()
+    mixers = list(student.mixers)
+    scorer = HybridScorer(teacher, mixers, windows)  # the teacher's reference logits once, for every score
+    costs = layer_costs(teacher, mixers, windows, scorer=scorer)
+    cfg = student.config
+    kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * next(teacher.parameters()).element_size()
+    state = mixers[0].init_state(1, "cpu")
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    greedy = greedy_choice(teacher, mixers, windows, k, scorer=scorer)
+    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed, greedy=greedy,
+                 scorer=scorer)
+    return {"keep": k, "layers": greedy[-1]["layers"] if greedy else [], "method": "greedy", "greedy": greedy,
+            "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
+
+
+def hybrid_key_map(old: Any, new: Any, layers: list[int]) -> dict[str, str]:
+    """{new student key: old student key} for every mixer weight of the layers that stay converted.
+
+    Raises when a trained mixer weight of those layers has no place in the new student, or a new mixer weight
+    has no source: nothing is dropped or left untrained silently. Two things go on purpose: the mixers of
+    `layers` (replaced by attention), and the value-residual mix of a layer that becomes the first converted
+    one (RWKV-7's `v_first` source: it has no such mix)."""
+    def layer_of(key: str) -> int:
+        return int(key.split(".layers.")[1].split(".")[0])
+
+    attn = f".{old.config.attention_name}."
+
+    def mixer_keys(model: Any, skip: list[int]) -> dict[str, torch.Size]:
+        return {key: value.shape for key, value in model.state_dict().items()
+                if ".layers." in key and attn in key and layer_of(key) not in skip}
+
+    def first_layers(model: Any) -> set[int]:
+        return {m.layer_idx for m in model.mixers if getattr(m, "first_layer", False)}
+
+    old_keys, new_keys = mixer_keys(old, layers), mixer_keys(new, layers)
+    key_map = {key: key for key in new_keys if key in old_keys}
+    now_first = first_layers(new) - first_layers(old)
+    first_has = {k.split(attn, 1)[1] for k in mixer_keys(old, []) if layer_of(k) in first_layers(old)}
+
+    def by_design(key: str) -> bool:  # a weight only a layer after the value-residual source has
+        return layer_of(key) in now_first and key.split(attn, 1)[1] not in first_has
+
+    dropped = sorted(k for k in set(old_keys) - set(key_map.values()) if not by_design(k))
+    unfilled = sorted(set(new_keys) - set(key_map))
+    wrong = sorted(k for k, src in key_map.items() if new_keys[k] != old_keys[src])
+    if dropped or unfilled or wrong:
+        raise RuntimeError(f"hybrid rebuild: trained weights without a place {dropped[:4]}, new weights without a "
+                           f"source {unfilled[:4]}, shapes that differ {wrong[:4]}")
+    return key_map
+
+
+def rebuild_as_hybrid(old: Any, teacher: nn.Module, convert_kwargs: dict[str, Any], layers: list[int]) -> Any:
+    """A new student (surgery with `convert_kwargs`) keeping `layers` as the teacher's attention, with the other
+    mixers as stage 1 left them (loaded strictly through `hybrid_key_map`)."""
+    from qwerky.surgery import convert_teacher, unshare_from_teacher
+
+    new = convert_teacher(teacher, **{**convert_kwargs, "attention_layers": layers})
+    unshare_from_teacher(new, teacher, modules=new.mixers)  # loading below must not write into the teacher
+    trained = old.state_dict()
+    state = new.state_dict()
+    for key, src in hybrid_key_map(old, new, layers).items():
+        state[key] = trained[src]
+    new.load_state_dict(state, strict=True)
+    return new

@@ -54,7 +54,7 @@ from .checkpoint import (
 )
 from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
-from .hybrid import parse_keep_attention
+from .hybrid import choose_hybrid, parse_keep_attention, rebuild_as_hybrid
 from .loop import JsonlLog, NonFiniteTraining, choose_threads, run_stage
 from .memory import stage_needs_checkpointing
 from .parallel import (
@@ -495,9 +495,10 @@ class Conversion:
             raise QwerkyError("student.keep_attention=auto:K ranks layers on held-out text: pass --heldout "
                               "or more --data (and leave evaluation on)")
         assert self.keep_k is not None
-        hybrid = _choose_hybrid(self.teacher, self.student, self.windows, self.keep_k, self.recipe.train.seed)
+        hybrid = choose_hybrid(self.teacher, self.student, self.windows, self.keep_k, self.recipe.train.seed)
         self.state.hybrid = hybrid
-        self.student = _rebuild_as_hybrid(self.student, self.teacher, self.recipe, hybrid["layers"])
+        self.student = rebuild_as_hybrid(self.student, self.teacher, self.recipe.student.convert_kwargs(),
+                                         hybrid["layers"])
         self.owns = "mixers"
         self.unshare(1)
         log.info("hybrid: layers %s keep the teacher's attention (greedy steps %s; one-at-a-time costs %s)",
@@ -590,75 +591,6 @@ def _first_rows(cache: Any, rows: int, seq_len: int) -> torch.Tensor | None:
     if row_len < 2:
         return None
     return torch.from_numpy(np.asarray(cache.train[: rows * row_len]).astype(np.int64)).view(rows, row_len)
-
-
-def _choose_hybrid(teacher: torch.nn.Module, student: Any, windows: torch.Tensor, k: int, seed: int
-                   ) -> dict[str, Any]:
-    """Choose the kept layers greedily (train/hybrid.py); the one-at-a-time costs and the curve for every K."""
-    from qwerky.train.hybrid import MEMORY_AT, HybridScorer, curve, greedy_choice, layer_costs
-
-    student.eval()
-    mixers = list(student.mixers)
-    scorer = HybridScorer(teacher, mixers, windows)  # the teacher's reference logits once, for every score
-    costs = layer_costs(teacher, mixers, windows, scorer=scorer)
-    cfg = student.config
-    kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * next(teacher.parameters()).element_size()
-    state = mixers[0].init_state(1, "cpu")
-    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    greedy = greedy_choice(teacher, mixers, windows, k, scorer=scorer)
-    rows = curve(teacher, mixers, windows, costs, kv_per_token, state_bytes, seed=seed, greedy=greedy,
-                 scorer=scorer)
-    return {"keep": k, "layers": greedy[-1]["layers"] if greedy else [], "method": "greedy", "greedy": greedy,
-            "costs": costs, "curve": rows, "memory_context": MEMORY_AT}
-
-
-def hybrid_key_map(old: Any, new: Any, layers: list[int]) -> dict[str, str]:
-    """{new student key: old student key} for every mixer weight of the layers that stay converted.
-
-    Raises when a trained mixer weight of those layers has no place in the new student, or a new mixer weight
-    has no source: nothing is dropped or left untrained silently. Two things go on purpose: the mixers of
-    `layers` (replaced by attention), and the value-residual mix of a layer that becomes the first converted
-    one (RWKV-7's `v_first` source: it has no such mix)."""
-    def layer_of(key: str) -> int:
-        return int(key.split(".layers.")[1].split(".")[0])
-
-    attn = f".{old.config.attention_name}."
-
-    def mixer_keys(model: Any, skip: list[int]) -> dict[str, torch.Size]:
-        return {key: value.shape for key, value in model.state_dict().items()
-                if ".layers." in key and attn in key and layer_of(key) not in skip}
-
-    def first_layers(model: Any) -> set[int]:
-        return {m.layer_idx for m in model.mixers if getattr(m, "first_layer", False)}
-
-    old_keys, new_keys = mixer_keys(old, layers), mixer_keys(new, layers)
-    key_map = {key: key for key in new_keys if key in old_keys}
-    now_first = first_layers(new) - first_layers(old)
-    first_has = {k.split(attn, 1)[1] for k in mixer_keys(old, []) if layer_of(k) in first_layers(old)}
-
-    def by_design(key: str) -> bool:  # a weight only a layer after the value-residual source has
-        return layer_of(key) in now_first and key.split(attn, 1)[1] not in first_has
-
-    dropped = sorted(k for k in set(old_keys) - set(key_map.values()) if not by_design(k))
-    unfilled = sorted(set(new_keys) - set(key_map))
-    wrong = sorted(k for k, src in key_map.items() if new_keys[k] != old_keys[src])
-    if dropped or unfilled or wrong:
-        raise RuntimeError(f"hybrid rebuild: trained weights without a place {dropped[:4]}, new weights without a "
-                           f"source {unfilled[:4]}, shapes that differ {wrong[:4]}")
-    return key_map
-
-
-def _rebuild_as_hybrid(old: Any, teacher: torch.nn.Module, recipe: Recipe, layers: list[int]) -> Any:
-    """A new student keeping `layers` as the teacher's attention, with the other mixers as stage 1 left them
-    (loaded strictly through `hybrid_key_map`)."""
-    new = convert_teacher(teacher, **{**recipe.student.convert_kwargs(), "attention_layers": layers})
-    unshare_from_teacher(new, teacher, modules=new.mixers)  # loading below must not write into the teacher
-    trained = old.state_dict()
-    state = new.state_dict()
-    for key, src in hybrid_key_map(old, new, layers).items():
-        state[key] = trained[src]
-    new.load_state_dict(state, strict=True)
-    return new
 
 
 def _measure_teacher_context(teacher: torch.nn.Module, cache: Any, recipe: Recipe, training: list[int]
