@@ -128,7 +128,8 @@ def cmd_mixers(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from qwerky.demo import run_demo
 
-    return run_demo(out=Path(args.out), overwrite=args.overwrite, sets=args.set or [])
+    with _print_notices():  # the conversion's lines for the user, as `qwerky convert` prints them
+        return run_demo(out=Path(args.out), overwrite=args.overwrite, sets=args.set or [])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

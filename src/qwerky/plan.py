@@ -11,7 +11,7 @@ Two machines:
   weights + gradients + AdamW moments for what trains, all sharded by FSDP2 across the GPUs; activations
   with activation checkpointing; time from FLOPs at an assumed MFU.
 * This CPU (`--cpu` / `--gpus 0`, or no --gpus on a machine without GPUs): fp32 everywhere, one process;
-  the machine's RAM; the threads a run would use (train/loop.choose_threads); this CPU's dense fp32 matmul
+  the machine's RAM; the threads a run would use (qwerky/threads.py); this CPU's dense fp32 matmul
   FLOP/s measured in a second (or `--cpu-gflops`); time = FLOPs / (matmul FLOP/s x utilisation), the
   utilisation measured by benchmarks/train_cost.py (`--utilisation`).
 """
@@ -232,7 +232,7 @@ def plan_main(args: argparse.Namespace) -> int:
 
 def _this_cpu(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
     """This machine as a CPU plan sees it: threads a run would use, RAM, measured (or given) matmul rate."""
-    from qwerky.train.loop import choose_threads
+    from qwerky.threads import choose_threads
 
     threads, why = choose_threads(args.threads or recipe.train.threads)
     measured = args.cpu_gflops is None

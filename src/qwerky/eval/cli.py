@@ -56,7 +56,7 @@ def _load_all(args: argparse.Namespace, need_teacher: bool, teacher_tokenizer: b
             torch.set_num_threads(args.threads)
             threads, why = torch.get_num_threads(), "--threads"
         else:
-            from qwerky.train.loop import choose_threads
+            from qwerky.threads import choose_threads
 
             threads, why = choose_threads(0)
         print(f"threads: {threads} ({why.replace('train.threads', '--threads')})", file=sys.stderr)

@@ -42,6 +42,7 @@ from qwerky.errors import QwerkyError
 from qwerky.eval.report import render_report_md
 from qwerky.surgery import calibrate_mixers, convert_teacher, save_student, unshare_from_teacher
 from qwerky.teacher import check_model_dir, load_teacher, load_tokenizer
+from qwerky.threads import choose_threads
 
 from .checkpoint import (
     CheckpointManager,
@@ -55,7 +56,7 @@ from .checkpoint import (
 from .flops import FlopModel
 from .guard import GuardTolerance, decide, describe, judge
 from .hybrid import choose_hybrid, parse_keep_attention, rebuild_as_hybrid
-from .loop import JsonlLog, NonFiniteTraining, choose_threads, run_stage
+from .loop import JsonlLog, NonFiniteTraining, run_stage
 from .memory import stage_needs_checkpointing
 from .parallel import (
     DistInfo,
