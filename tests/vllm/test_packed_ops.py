@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from qwerky.modeling.ops_gated_deltanet import gated_delta_rule, naive_recurrent_gated_delta_rule
-from qwerky.modeling.ops_rwkv6 import naive_recurrent_rwkv6, rwkv6_attention
-from qwerky.modeling.ops_rwkv7 import naive_recurrent_rwkv7, rwkv7_attention
+from qwerky.modeling.ops_rwkv7 import naive_recurrent_rwkv7
+from qwerky.opspecs import OpSpec, all_op_specs
 from qwerky.vllm import SUPPORTED_MIXERS, mixer_layer
 from qwerky.vllm.config import VllmQwerkyConfig
 from qwerky.vllm.ops import PackedBatch, run_packed, rwkv7_packed, token_shift_packed
@@ -33,28 +34,29 @@ def _rwkv7_inputs(N: int, H: int, D: int, g: torch.Generator):
     return [r, w, k * 0.5, v, -kappa, kappa * a]
 
 
-def _gdn_inputs(N: int, H: int, D: int, g: torch.Generator):
-    q, k = (torch.nn.functional.normalize(torch.randn(N, H, D, generator=g), dim=-1) for _ in range(2))
-    return [q, k, torch.randn(N, H, D, generator=g), -torch.rand(N, H, generator=g) * 2,
-            torch.rand(N, H, generator=g)]
+def _packed_case(spec: OpSpec) -> tuple:
+    """(sequence op, its reference form, inputs [N, H, ...] in the op's order, scale, index of the value input) for
+    one op of the registry (qwerky.opspecs): tensors without a time axis (RWKV-6's bonus u) are bound to the forms,
+    so the packed runner sees the per-token tensors only, as the vLLM layers call it."""
+    timed = [n for n in spec.tensor_names if n in spec.time_tensors]
+    if spec.tensor_names[:len(timed)] != tuple(timed):
+        raise AssertionError(f"{spec.name}: tensors without a time axis must come last to be bound")
+
+    def make_inputs(N: int, H: int, D: int, g: torch.Generator) -> list[torch.Tensor]:
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        x = spec.make_inputs(1, N, H, D, D, seed=seed, state=False)
+        make_inputs.fixed = [x[n].detach() for n in spec.tensor_names if n not in spec.time_tensors]
+        return [x[n].detach()[0] for n in timed]
+
+    def bind(form):
+        return lambda *xs, **kw: form(*xs, *make_inputs.fixed, **kw)
+
+    make_inputs.fixed = []
+    return bind(spec.dispatch), bind(spec.naive), make_inputs, 8**-0.5, timed.index("v")
 
 
-def _rwkv6_inputs(N: int, H: int, D: int, g: torch.Generator):
-    r, k, v = (torch.randn(N, H, D, generator=g) for _ in range(3))
-    return [r, k * 0.5, v, -torch.rand(N, H, D, generator=g) * 2]
-
-
-def _rwkv6(*xs, **kw):
-    return rwkv6_attention(*xs, torch.ones(xs[0].shape[2:]), **kw)
-
-
-# (sequence op of the mixer, its reference form, inputs, scale)
-OPS = {
-    "rwkv7": (rwkv7_attention, naive_recurrent_rwkv7, _rwkv7_inputs, 8**-0.5),
-    "gated_deltanet": (gated_delta_rule, naive_recurrent_gated_delta_rule, _gdn_inputs, 1.0),
-    "rwkv6": (_rwkv6, lambda *xs, **kw: naive_recurrent_rwkv6(*xs, torch.ones(xs[0].shape[2:]), **kw),
-              _rwkv6_inputs, 8**-0.5),
-}
+# every op of the registry, as the vLLM layers run it packed (a new op is tested here without an edit)
+OPS = {spec.name: _packed_case(spec) for spec in all_op_specs()}
 
 
 @pytest.mark.parametrize("mode", ["packed", "loop"])
@@ -65,7 +67,7 @@ def test_packed_batch_equals_each_sequence_alone(op: str, mode: str, monkeypatch
     alone; untouched slots stay; a padded slot id (-1) writes only to slot 0 (vLLM's null block). "packed":
     the three prefills are one call of the op's varlen form; "loop": one call each."""
     monkeypatch.setenv("QWERKY_VLLM_PREFILL", mode)
-    fast, naive, make_inputs, scale = OPS[op]
+    fast, naive, make_inputs, scale, value = OPS[op]
     H, D = 2, 8
     N = sum(LENS)
     g = torch.Generator().manual_seed(0)
@@ -82,7 +84,7 @@ def test_packed_batch_equals_each_sequence_alone(op: str, mode: str, monkeypatch
                     backend="torch", cu_seqlens=cu_seqlens)
         return o, [s]
 
-    out = torch.zeros_like(inputs[-2] if op == "rwkv7" else inputs[2])
+    out = torch.zeros_like(inputs[value])
     batch = _batch()
     run_packed(step, inputs, [state], batch, out)
     assert prefill_calls == ([[0, *torch.tensor(LENS[2:]).cumsum(0).tolist()]] if mode == "packed"
@@ -122,7 +124,7 @@ def test_varlen_chunked_form_equals_each_sequence_alone(op: str) -> None:
     """The chunked form with cu_seqlens (sequences packed along T, each from its own initial state) gives
     each sequence's output and final state as the same form run on it alone; an empty sequence keeps its
     initial state. This is what vLLM's packed prefill runs."""
-    fast, _, make_inputs, scale = OPS[op]
+    fast, _, make_inputs, scale, _ = OPS[op]
     H, D = 3, 8
     g = torch.Generator().manual_seed(3)
     inputs = [x[None] for x in make_inputs(sum(VARLEN_LENS), H, D, g)]
@@ -165,7 +167,19 @@ def test_token_shift_packed() -> None:
 
 
 def test_mixer_lookup_and_config() -> None:
-    assert "rwkv7" in SUPPORTED_MIXERS
+    """The supported mixers are derived: every registered mixer with a module of its name in qwerky/vllm."""
+    from pathlib import Path
+
+    import qwerky.vllm
+    from qwerky.modeling.mixer_base import mixer_names
+
+    here = Path(qwerky.vllm.__file__).parent
+    assert set(SUPPORTED_MIXERS) == {m for m in mixer_names() if (here / f"{m}.py").is_file()}
+    assert {"rwkv7", "window", "arwkv7"} <= set(SUPPORTED_MIXERS)
+    if importlib.util.find_spec("vllm.engine") is not None:  # the layer modules import vLLM: checked in its venv
+        for mixer in SUPPORTED_MIXERS:
+            layer = mixer_layer(mixer)
+            assert isinstance(layer, type) and layer.__module__ == f"qwerky.vllm.{mixer}", mixer
     with pytest.raises(ValueError, match="does not implement the 'made_up' mixer"):
         mixer_layer("made_up")
     from qwerky_testing import tiny_config

@@ -260,6 +260,7 @@ OTHER_CASES = [
     ("rwkv7", "qwen3", {"keep": (0,), "head_dim": 32}),
     ("arwkv7", "llama", {"keep": (1,), "num_hidden_layers": 3, "head_dim": 32}),
 ]
+OTHER_CASES += [(m, "qwen2", {}) for m in sorted(SUPPORTED_MIXERS) if m not in {c[0] for c in OTHER_CASES}]
 
 
 @pytest.mark.parametrize(("mixer", "family", "overrides"), OTHER_CASES,
@@ -294,6 +295,8 @@ PREFIX_CASES = [
     ("arwkv7", "qwen2", {}),
     ("rwkv7", "qwen3", {"keep": (0,), "head_dim": 32}),
 ]
+# and every other mixer the plugin serves (derived: a new mixer is checked here without an edit)
+PREFIX_CASES += [(m, "qwen2", {}) for m in sorted(SUPPORTED_MIXERS) if m not in {c[0] for c in PREFIX_CASES}]
 PREFIX_LEN = 1100
 
 

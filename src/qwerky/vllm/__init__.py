@@ -6,7 +6,8 @@ every process it starts. It registers the architecture name that exported folder
 for model_type "qwerky", so no `--trust-remote-code` is needed. Nothing here imports vLLM at import time:
 `import qwerky.vllm` works without it (the main package never imports this module).
 
-Which student mixers vLLM can run is `SUPPORTED_MIXERS` (the others fail at load with a clear error).
+Which student mixers vLLM can run is `SUPPORTED_MIXERS`: every registered mixer with a module of its name here
+(the others fail at load with a clear error).
 Design and limits: docs/vllm.md.
 """
 
@@ -16,14 +17,26 @@ ARCHITECTURES = {"QwerkyForCausalLM": "qwerky.vllm.model:QwerkyForCausalLM",
                  # hybrids (attention layers kept); config.json still says QwerkyForCausalLM: the config class
                  # (qwerky.vllm.config) routes them here
                  "QwerkyHybridForCausalLM": "qwerky.vllm.model:QwerkyHybridForCausalLM"}
-# mixer name (config.mixer) -> "module:Class" of its vLLM layer; a new mixer adds one line and one module
-SUPPORTED_MIXERS = {
-    "rwkv7": "qwerky.vllm.rwkv7:RWKV7TimeMix",
-    "arwkv7": "qwerky.vllm.arwkv7:ARWKV7TimeMix",
-    "rwkv6": "qwerky.vllm.rwkv6:RWKV6TimeMix",
-    "gated_deltanet": "qwerky.vllm.gated_deltanet:GatedDeltaNetLayer",
-    "window": "qwerky.vllm.window:WindowTimeMix",
-}
+
+
+def supported_mixers() -> dict[str, str]:
+    """mixer name (config.mixer) -> "module:attribute" of its vLLM layer: every registered student mixer that has
+    a module of its own name in this package (`qwerky/vllm/<mixer>.py`, whose `LAYER` is the layer class). Derived,
+    not listed: a new mixer's vLLM layer is its module, nothing else."""
+    from pathlib import Path
+
+    from qwerky.modeling.mixer_base import mixer_names
+
+    here = Path(__file__).parent
+    return {m: f"qwerky.vllm.{m}:LAYER" for m in mixer_names() if (here / f"{m}.py").is_file()}
+
+
+def __getattr__(name: str) -> object:  # SUPPORTED_MIXERS reads the registry when asked, not at import
+    if name == "SUPPORTED_MIXERS":
+        return supported_mixers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # what reads or writes the state runs in these custom ops (qwerky.vllm.layer): graph split points for
 # vLLM's compiler (like its own linear-attention ops), so the per-request Python in them is never captured
 CUSTOM_OPS = ("vllm::qwerky_state_update", "vllm::qwerky_token_shift")
@@ -87,11 +100,12 @@ def mixer_layer(name: str) -> type:
     """The vLLM layer class of a student mixer, or a ValueError naming the supported ones."""
     import importlib
 
-    if name not in SUPPORTED_MIXERS:
+    supported = supported_mixers()
+    if name not in supported:
         raise ValueError(f"qwerky's vLLM plugin does not implement the {name!r} mixer yet (supported: "
-                         f"{', '.join(SUPPORTED_MIXERS)}); serve this student with `qwerky serve`")
-    module, _, cls = SUPPORTED_MIXERS[name].partition(":")
+                         f"{', '.join(supported)}); serve this student with `qwerky serve`")
+    module, _, cls = supported[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["ARCHITECTURES", "SUPPORTED_MIXERS", "register", "register_config", "mixer_layer"]
+__all__ = ["ARCHITECTURES", "SUPPORTED_MIXERS", "mixer_layer", "register", "register_config", "supported_mixers"]

@@ -52,3 +52,6 @@ class ARWKV7TimeMix(RWKV7TimeMix):
         y = (y + bonus).reshape(N, H * D) * (1 + self.gate_lora(xg))
         out, _ = self.output(y)
         return out, v_first
+
+
+LAYER = ARWKV7TimeMix  # the layer qwerky.vllm.supported_mixers() finds for mixer 'arwkv7'

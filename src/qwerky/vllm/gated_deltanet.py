@@ -48,3 +48,6 @@ class GatedDeltaNetLayer(StateLayer):
             return o, [s]
 
         run_packed(step, inputs, [self.kv_cache[0]], batch, out)
+
+
+LAYER = GatedDeltaNetLayer  # the layer qwerky.vllm.supported_mixers() finds for mixer 'gated_deltanet'

@@ -14,7 +14,7 @@ for vLLM's compiler, so the per-request Python inside it is never captured in a 
 
 A new mixer subclasses `StateLayer` (`state_shapes` when its state is not S [H, D, D] plus, with
 `shifts_tokens`, a token shift), `forward(positions, x, v_first) -> (out, v_first)`
-and `state_update`, in one module named in `qwerky.vllm.SUPPORTED_MIXERS`.
+and `state_update`, in a module named after the mixer (`qwerky/vllm/<mixer>.py`) whose `LAYER` is the class.
 """
 
 from __future__ import annotations

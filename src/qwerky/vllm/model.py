@@ -1,5 +1,5 @@
 """QwerkyForCausalLM for vLLM: the teacher's embeddings, MLPs, norms and head on vLLM's own (tensor-
-parallel) layers, with a qwerky mixer layer (`qwerky.vllm.SUPPORTED_MIXERS`) in place of attention.
+parallel) layers, with a qwerky mixer layer (`qwerky.vllm.mixer_layer`) in place of attention.
 
 The teacher families served are the llama-like decoders (pre-norm, SiLU-gated MLP, RMSNorm): Qwen2,
 Qwen2.5, Qwen3, Llama, Mistral. A fully converted student is attention-free for vLLM (`IsAttentionFree`,

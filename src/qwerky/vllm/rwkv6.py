@@ -60,3 +60,6 @@ class RWKV6TimeMix(StateLayer):
             return o, [s]
 
         run_packed(step, inputs, [self.kv_cache[0]], batch, out)
+
+
+LAYER = RWKV6TimeMix  # the layer qwerky.vllm.supported_mixers() finds for mixer 'rwkv6'

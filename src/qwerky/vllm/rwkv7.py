@@ -56,3 +56,6 @@ class RWKV7TimeMix(StateLayer):
     def state_update(self, inputs: Sequence[torch.Tensor], out: torch.Tensor, batch: PackedBatch) -> None:
         out[:batch.num_tokens] = rwkv7_packed(*inputs, self.kv_cache[0], batch, scale=self.head_dim**-0.5,
                                               backend=self.backend)
+
+
+LAYER = RWKV7TimeMix  # the layer qwerky.vllm.supported_mixers() finds for mixer 'rwkv7'

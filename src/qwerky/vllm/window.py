@@ -116,3 +116,5 @@ class WindowTimeMix(RWKV7TimeMix):
         # prefills run one request at a time; the RWKV-7 branch above runs as one packed pass
         run_packed(step, (q, k, v, pos), buffers, batch, out[:, 0], varlen=False)
 
+
+LAYER = WindowTimeMix  # the layer qwerky.vllm.supported_mixers() finds for mixer 'window'
