@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .ops_varlen import chunk_layout, from_chunk_stream, matrix_update, segment_scan, to_chunk_stream
+from .ops_varlen import chunk_layout, matrix_chunks_output, to_chunk_stream
 
 __all__ = [
     "naive_recurrent_gated_delta_rule",
@@ -165,12 +165,7 @@ def chunk_gated_delta_rule_torch(
     En = torch.bmm(k_endT, U1)
 
     if layout is not None:
-        s0 = q_.new_zeros(layout.num_seqs, H, K, V) if initial_state is None else initial_state
-        starts_v, finals = segment_scan(matrix_update,
-                                        Tn.view(H, N, K, K), En.view(H, N, K, V), s0, layout)
-        o = torch.baddbmm(R, Q, starts_v.reshape(M, K, V), beta=scale, alpha=scale)
-        o = from_chunk_stream(o.view(1, H, N * C, V), layout, dim=2).transpose(1, 2).to(dtype)
-        return o, (finals if output_final_state else None)
+        return matrix_chunks_output(Q, R, Tn, En, initial_state, layout, H, scale, dtype, output_final_state)
     S = q_.new_zeros(B * H, K, V) if initial_state is None else initial_state.float().reshape(B * H, K, V)
     starts = []
     # unbind: backward stacks N gradients once (indexing Tn[:, n] would zero-fill a full Tn per chunk)

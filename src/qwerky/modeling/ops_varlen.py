@@ -108,3 +108,20 @@ def matrix_update(transition: torch.Tensor, increment: torch.Tensor, state: torc
     """S <- T S + E for [H, A, K, K] / [H, A, K, V] blocks (RWKV-7, gated delta rule), with the same
     batched matmul as the chunked forms' own scan."""
     return torch.baddbmm(increment.flatten(0, 1), transition.flatten(0, 1), state.flatten(0, 1)).view(state.shape)
+
+
+def matrix_chunks_output(Q: torch.Tensor, R: torch.Tensor, Tn: torch.Tensor, En: torch.Tensor,
+                         initial_state: torch.Tensor | None, layout: ChunkLayout, heads: int, scale: float,
+                         dtype: torch.dtype, output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The varlen ending of the chunked forms whose chunk transition is a matrix (RWKV-7, gated delta rule): each
+    sequence's chunks scanned from its own initial state (S_end = T_n S_start + E_n), every chunk's output
+    scale * (Q S_start + R), and the packed tokens' rows. Q [M, C, K], R [M, C, V], Tn [M, K, K], En [M, K, V]
+    with M = heads x chunks of the stream; returns (o [1, T, H, V], final states [S, H, K, V] or None)."""
+    M, C, K = Q.shape
+    V, N = En.shape[-1], M // heads
+    s0 = Q.new_zeros(layout.num_seqs, heads, K, V) if initial_state is None else initial_state
+    starts, finals = segment_scan(matrix_update, Tn.view(heads, N, K, K), En.view(heads, N, K, V), s0, layout)
+    o = torch.baddbmm(R, Q, starts.reshape(M, K, V), beta=scale, alpha=scale)
+    o = from_chunk_stream(o.view(1, heads, N * C, V), layout, dim=2).transpose(1, 2).to(dtype)
+    return o, (finals if output_final_state else None)
+
