@@ -139,13 +139,15 @@ class CheckpointManager:
         return None
 
 
-def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
-    """Every weight of `model` as full CPU tensors (under FSDP2 a collective: every rank must call it)."""
+def full_state_dict(model: nn.Module, info: DistInfo, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of `model` named in `keys` (all when None) as full CPU tensors. Single-process, only those are
+    copied; under FSDP2 it is a collective (every rank must call it) that gathers every weight, then filters."""
     if not info.enabled:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if keys is None or k in keys}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if keys is None else {k: v for k, v in state.items() if k in keys}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], info: DistInfo,

@@ -521,8 +521,7 @@ class Conversion:
         """Write a checkpoint (rank 0; gathering the weights is a collective under FSDP2): the weights of
         `stored_keys` only, not the frozen teacher's. A stage boundary (no `stage_state`) is pinned: it survives
         rotation until the next one, so a diverged stage can start again from it."""
-        keys = self.stored_keys()
-        model = {k: v for k, v in full_state_dict(self.student, self.info).items() if k in keys}
+        model = full_state_dict(self.student, self.info, self.stored_keys())  # frozen weights not even copied
         if self.info.is_main:
             self.ckpt.save(self.checkpoint_payload(stage, stage_state, model), tag=tag, pin=stage_state is None)
         barrier(self.info)
